@@ -1,0 +1,36 @@
+"""``python -m app``: start the corrvos app on http://127.0.0.1:7860."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from app.session import AppConfig, default_device
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m app", description="Compare two VOS checkpoints and inspect their memory matching.")
+    ap.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
+    ap.add_argument("--port", type=int, default=7860)
+    ap.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
+    ap.add_argument("--checkpoints", type=Path, default=None,
+                    help="checkpoint folder (default: $CORRVOS_CHECKPOINTS or ./checkpoints)")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--size", type=int, default=480, help="processing size (shorter side, default 480); 0 = input size")
+    ap.add_argument("--max-frames", type=int, default=None, help="frame cap (default 150 on CPU, 1500 on GPU)")
+    ap.add_argument("--max-file-size", default="500mb", help="upload size limit (default 500mb)")
+    args = ap.parse_args(argv)
+
+    kwargs = {}
+    if args.checkpoints is not None:
+        kwargs["checkpoints"] = args.checkpoints
+    config = AppConfig(device=args.device or default_device(), size=args.size or None, max_frames=args.max_frames, **kwargs)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from app.ui import build_demo
+
+    demo = build_demo(config)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=args.max_file_size)
+
+
+if __name__ == "__main__":
+    main()

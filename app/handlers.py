@@ -1,0 +1,435 @@
+"""Event handlers of the app: each turns component values into corrvos calls and back.
+
+``AppHandlers`` holds the app's configuration, the loaded checkpoints and the per-session data; its
+methods are bound to the UI in ui.py and are called directly by the tests (``request=None`` uses one
+local session). Every error a person can cause reaches the browser as one ``gr.Error`` sentence.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import time
+import zipfile
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+
+from app import inputs
+from app.charts import comparison_figure
+from app.session import (
+    MAX_OBJECTS,
+    AppConfig,
+    ModelCache,
+    ModelRun,
+    Session,
+    SessionStore,
+    default_checkpoints,
+    example_files,
+    list_checkpoints,
+    propagate_runs,
+)
+from corrvos.errors import CheckpointError, CorrvosError, InputError
+from corrvos.io.masks import write_mask
+from corrvos.io.video import VideoWriter, load_frames
+from corrvos.viz.compare import disagreement_view, frame_series
+from corrvos.viz.heatmap import match_strip, memory_frame_panel, summarize_affinity
+from corrvos.viz.overlay import overlay
+
+log = logging.getLogger("corrvos.app")
+SLOTS = ("A", "B")
+MATCHES_SHOWN = 5  # numbered markers per click and model (the read itself uses the model's top-k)
+
+OOM_MESSAGE = (
+    "ran out of memory while propagating; use a shorter or smaller video (or fewer objects) and try again."
+)
+
+
+def _as_gr_error(err: BaseException) -> gr.Error:
+    """One sentence for the browser; unknown errors are logged with their traceback."""
+    if isinstance(err, gr.Error):
+        return err
+    if isinstance(err, CorrvosError):
+        return gr.Error(_sentence(str(err)))
+    text = str(err)
+    if type(err).__name__ == "OutOfMemoryError" or "out of memory" in text.lower() or isinstance(err, MemoryError):
+        return gr.Error(_sentence(OOM_MESSAGE))
+    log.exception("unexpected error in an app handler", exc_info=err)
+    return gr.Error(f"Unexpected error ({type(err).__name__}: {text}); see the server log.")
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text[:1].upper() + text[1:] if text else text
+
+
+def user_errors(fn):
+    """Re-raise every exception of a handler (plain or generator) as a ``gr.Error`` sentence."""
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def gen_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except (GeneratorExit, KeyboardInterrupt):
+                raise
+            except Exception as err:  # noqa: BLE001 - converted to one sentence for the browser
+                raise _as_gr_error(err) from err
+
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001
+            raise _as_gr_error(err) from err
+
+    return wrapper
+
+
+def _key(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "local"
+
+
+class AppHandlers:
+    """All handlers of one app instance."""
+
+    def __init__(self, config: AppConfig | None = None, models: ModelCache | None = None):
+        self.config = config or AppConfig()
+        self.store = SessionStore(self.config.max_sessions, self.config.work_root)
+        self.models = models or ModelCache()
+
+    # ------------------------------------------------------------------------------------------- status text
+    def checkpoint_choices(self) -> tuple[list[str], str | None, str | None]:
+        names = list_checkpoints(self.config.checkpoints)
+        a, b = default_checkpoints(names)
+        return names, a, b
+
+    def checkpoint_message(self) -> str:
+        names = list_checkpoints(self.config.checkpoints)
+        if not names:
+            return (
+                f"**No checkpoints found** in `{self.config.checkpoints}`. Put `*.safetensors` files (or upstream "
+                "`stcn.pth` / `XMem.pth`) there and press ↻."
+            )
+        return f"{len(names)} checkpoint(s) in `{self.config.checkpoints}`."
+
+    def header(self) -> str:
+        c = self.config
+        size = f"{c.size}p" if c.size else "input size"
+        return (
+            f"**Device:** {c.device_label} · **processing:** {size} (results at the input size) · "
+            f"**frame cap:** {c.max_frames} frames on this device (longer videos are cut to their first "
+            f"{c.max_frames} frames) · up to {MAX_OBJECTS} objects."
+        )
+
+    def refresh_checkpoints(self):
+        names, a, b = self.checkpoint_choices()
+        return (
+            gr.Dropdown(choices=names, value=a),
+            gr.Dropdown(choices=names, value=b),
+            self.checkpoint_message(),
+        )
+
+    # ------------------------------------------------------------------------------------------- input
+    def _session(self, request: gr.Request | None) -> Session:
+        session = self.store.get(_key(request))
+        if session is None:
+            raise InputError("no video is loaded; upload a video or a zip of frames, or load the example, first.")
+        return session
+
+    def _open(self, source: str | Path, request: gr.Request | None, label: str) -> Session:
+        loaded = load_frames(source, lazy=True)
+        total = len(loaded)
+        if total == 0:
+            raise InputError(f"{label} contains no frames; give a video or a zip with at least one frame.")
+        keep = min(total, int(self.config.max_frames))
+        frames = [np.ascontiguousarray(loaded.frames[t]) for t in range(keep)]
+        key = _key(request)
+        session = Session(
+            frames=frames, names=list(loaded.names[:keep]), fps=float(loaded.fps or 24.0), source=label,
+            workdir=self.store.new_workdir(key), total_frames=total,
+        )
+        self.store.put(key, session)
+        return session
+
+    def _input_outputs(self, session: Session, mask: np.ndarray | None = None):
+        h, w = session.size
+        n = len(session.frames)
+        cut = ""
+        if session.total_frames > n:
+            cut = (
+                f" ⚠️ The input has {session.total_frames} frames; only the first {n} are used "
+                f"(frame cap on {self.config.device_label.split(' ')[0]})."
+            )
+        info = f"**{session.source}**: {n} frames, {w}x{h}, {session.fps:.3g} fps.{cut}"
+        editor = self._editor_value(session, 0, mask)
+        return editor, gr.Slider(minimum=0, maximum=max(n - 1, 0), value=0, step=1, interactive=n > 1), info
+
+    def _editor_value(self, session: Session, t: int, mask: np.ndarray | None = None) -> dict:
+        layers = []
+        if mask is not None:
+            layers = [inputs.label_layer(mask, k) for k in range(1, int(mask.max()) + 1)]
+        return {"background": session.frames[t], "layers": layers, "composite": None}
+
+    @user_errors
+    def load_video(self, file: str | None, request: gr.Request | None = None):
+        """Upload handler: a video (mp4, webm, mov, avi, ...) or a zip of frames."""
+        if not file:
+            raise InputError("no file was uploaded; choose a video or a zip of frames.")
+        path = Path(file)
+        session = self._open(path, request, path.name)
+        return self._input_outputs(session)
+
+    @user_errors
+    def load_example(self, name: str | None, request: gr.Request | None = None):
+        """Load a bundled example clip with its first-frame mask pre-drawn on the editor's layers."""
+        if not name:
+            raise InputError("no example is selected; pick one from the list.")
+        video, mask_path = example_files(name)
+        session = self._open(video, request, f"example {name} (DAVIS 2016)")
+        from corrvos.io.masks import read_mask
+
+        session.example_mask = read_mask(mask_path)
+        return self._input_outputs(session, session.example_mask)
+
+    @user_errors
+    def set_anno_frame(self, t: float, request: gr.Request | None = None) -> dict:
+        """Show frame ``t`` in the editor so it can be annotated (the example's mask only on frame 0)."""
+        session = self._session(request)
+        t = int(np.clip(int(t or 0), 0, len(session.frames) - 1))
+        mask = session.example_mask if t == 0 else None
+        return self._editor_value(session, t, mask)
+
+    # ------------------------------------------------------------------------------------------- propagate
+    def _checkpoint_path(self, name: str | None, slot: str) -> Path:
+        if not name:
+            if not list_checkpoints(self.config.checkpoints):
+                raise CheckpointError(
+                    f"no checkpoint is available in {self.config.checkpoints}; put .safetensors or upstream .pth files there."
+                )
+            raise CheckpointError(f"no checkpoint is chosen for model {slot}; pick one from the list.")
+        path = Path(name)
+        if not path.is_absolute():
+            path = self.config.checkpoints / name
+        if not path.is_file():
+            raise CheckpointError(f"the checkpoint {path.name} for model {slot} does not exist any more; press ↻ and pick another.")
+        return path
+
+    def _views(self, session: Session, t: int):
+        frame = session.frames[t]
+        views = []
+        for slot in SLOTS:
+            run = session.runs.get(slot)
+            lab = run.labels[t] if run is not None else None
+            views.append(frame if lab is None else overlay(frame, lab))
+        labs = [session.runs[s].labels[t] if s in session.runs else None for s in SLOTS]
+        diff = disagreement_view(frame, labs[0], labs[1]) if all(l is not None for l in labs) else frame
+        return views[0], views[1], diff
+
+    def _view_updates(self, session: Session, t: int):
+        """Views of frame ``t`` with the image labels naming the checkpoints (set once per propagation)."""
+        a, b, diff = self._views(session, t)
+        ta = session.runs["A"].title if "A" in session.runs else "A"
+        tb = session.runs["B"].title if "B" in session.runs else "B"
+        return gr.Image(value=a, label=ta), gr.Image(value=b, label=tb), diff
+
+    @user_errors
+    def propagate(
+        self,
+        editor: dict | None,
+        mask_file: str | None,
+        anno_t: float,
+        ckpt_a: str | None,
+        ckpt_b: str | None,
+        gt_files: list[str] | str | None = None,
+        request: gr.Request | None = None,
+        progress: gr.Progress = gr.Progress(),
+    ):
+        """Propagate the annotation with checkpoints A and B; yields a live preview, then the results.
+
+        Outputs: view A, view B, disagreement view, status, frame slider, video A, video B, chart.
+        """
+        session = self._session(request)
+        t0 = int(np.clip(int(anno_t or 0), 0, len(session.frames) - 1))
+        layers = editor.get("layers") if isinstance(editor, dict) else None
+        if layers is None and isinstance(editor, dict) and editor.get("background") is None:
+            layers = None
+        mask = inputs.first_mask(layers, mask_file, session.frames[t0].shape)
+        mask, num_objects = inputs.compact_labels(mask)
+        gt = inputs.read_ground_truth(gt_files, session.names, session.frames[0].shape) if gt_files else None
+        paths = {"A": self._checkpoint_path(ckpt_a, "A"), "B": self._checkpoint_path(ckpt_b, "B")}
+        models = {slot: self.models.get(path, self.config.device) for slot, path in paths.items()}
+
+        session.anno_t, session.mask, session.num_objects, session.gt = t0, mask, num_objects, gt
+        n = len(session.frames)
+        session.runs = {slot: ModelRun(slot, paths[slot], [None] * n) for slot in SLOTS}
+        start = time.perf_counter()
+        skip = gr.skip()
+        for step in propagate_runs(session, models, self.config):
+            progress((step.done, step.total), desc=f"propagating ({step.slot} frame {step.t})")
+            if step.slot == SLOTS[-1] and step.done % (2 * self.config.preview_every) == 0:
+                a, b, diff = self._view_updates(session, step.t)
+                status = f"Propagating… frame {step.t} ({step.done // 2}/{step.total // 2})."
+                yield a, b, diff, status, skip, skip, skip, skip
+        elapsed = time.perf_counter() - start
+        progress(None)
+        videos = [self._write_overlay_video(session, slot) for slot in SLOTS]
+        fig = comparison_figure(frame_series({s: session.runs[s].labels for s in SLOTS}, num_objects, gt),
+                                {s: session.runs[s].title for s in SLOTS}, anno_t=t0)
+        a, b, diff = self._view_updates(session, t0)
+        per_model = (n - 1) / elapsed * len(SLOTS) if elapsed > 0 and n > 1 else 0.0
+        status = (
+            f"Done: {n} frames, {num_objects} object(s), annotated frame {t0}, {elapsed:.1f} s "
+            f"({per_model:.1f} frames/s per model on {self.config.device_label.split(' ')[0]}). "
+            "Scrub the frame slider, click a pixel of A or B to inspect its memory read."
+        )
+        slider = gr.Slider(minimum=0, maximum=max(n - 1, 0), value=t0, step=1, interactive=n > 1)
+        yield a, b, diff, status, slider, str(videos[0]), str(videos[1]), fig
+
+    def _write_overlay_video(self, session: Session, slot: str) -> Path:
+        run = session.runs[slot]
+        path = session.workdir / f"overlay_{slot}_{run.checkpoint.stem}.mp4"
+        with VideoWriter(path, fps=session.fps) as writer:
+            for frame, lab in zip(session.frames, run.labels):
+                writer.write(frame if lab is None else overlay(frame, lab))
+        run.video = path
+        return path
+
+    @user_errors
+    def show_frame(self, t: float, request: gr.Request | None = None):
+        """Frame slider: A and B overlays and the disagreement view of frame ``t``."""
+        session = self._session(request)
+        t = int(np.clip(int(t or 0), 0, len(session.frames) - 1))
+        return self._views(session, t)
+
+    # ------------------------------------------------------------------------------------------- affinity
+    @user_errors
+    def click(self, t: float, evt: gr.SelectData, request: gr.Request | None = None):
+        """Click on A, B or the disagreement view: ``evt.index`` is (x, y) in the frame's pixels."""
+        x, y = evt.index[0], evt.index[1]
+        return (*self._affinity(t, x, y, request), x, y)
+
+    @user_errors
+    def affinity_at(self, t: float, x: float, y: float, request: gr.Request | None = None):
+        """API twin of the click (``gradio_client`` cannot fire ``.select``)."""
+        return self._affinity(t, x, y, request)
+
+    def _affinity(self, t: float, x: float, y: float, request: gr.Request | None):
+        session = self._session(request)
+        if not session.runs or session.runs["A"].forward is None:
+            raise InputError("there are no results to inspect yet; press Propagate first.")
+        n = len(session.frames)
+        t = int(np.clip(int(t or 0), 0, n - 1))
+        h, w = session.size
+        if x is None or y is None or not (0 <= x < w and 0 <= y < h):
+            raise InputError(f"the point ({x}, {y}) lies outside the {w}x{h} frame; click inside the frame.")
+        x, y = float(x), float(y)
+        if t == session.anno_t:
+            raise InputError(
+                f"frame {t} is the annotated frame, which reads no memory; move the frame slider to another frame."
+            )
+        galleries, strips, lines = [], [], []
+        for slot in SLOTS:
+            run = session.runs[slot]
+            if run.labels[t] is None:
+                raise InputError(f"frame {t} was not propagated (the run was stopped); propagate again or pick a done frame.")
+            view = affinity_view(session, slot, t, x, y)
+            galleries.append(view.panels)
+            strips.append(view.strip)
+            lines.append(view.text)
+        strip = _stack_rows(strips)
+        text = "\n\n".join(lines)
+        return galleries[0], galleries[1], strip, text
+
+    # ------------------------------------------------------------------------------------------- export
+    @user_errors
+    def export(self, request: gr.Request | None = None) -> str:
+        """Zip of palette PNGs per model (one per input frame) plus both overlay videos."""
+        session = self._session(request)
+        if not session.runs:
+            raise InputError("there is nothing to export yet; press Propagate first.")
+        for slot, run in session.runs.items():
+            if not run.complete:
+                raise InputError(f"model {slot} did not finish every frame (the run was stopped); propagate again, then export.")
+        out = session.workdir / "corrvos_masks.zip"
+        tmp = out.with_suffix(".zip.tmp")
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for slot, run in session.runs.items():
+                folder = f"{slot}_{run.checkpoint.stem}"
+                for name, lab in zip(session.names, run.labels):
+                    png = session.workdir / "png.tmp"
+                    write_mask(png, lab)
+                    zf.write(png, f"{folder}/{name}.png")
+                if run.video is not None and run.video.is_file():
+                    zf.write(run.video, f"overlay_{slot}_{run.checkpoint.stem}.mp4")
+        tmp.replace(out)
+        return str(out)
+
+
+def _stack_rows(images: list[np.ndarray]) -> np.ndarray:
+    """Stack images vertically, padding narrower ones on the right with black."""
+    width = max(im.shape[1] for im in images)
+    rows = [np.pad(im, ((0, 4), (0, width - im.shape[1]), (0, 0))) for im in images]
+    return np.concatenate(rows, axis=0)[:-4]
+
+
+class AffinityView:
+    """What the click panel shows for one model: gallery items, a match strip and a text readout."""
+
+    def __init__(self, panels: list[tuple[np.ndarray, str]], strip: np.ndarray, text: str):
+        self.panels, self.strip, self.text = panels, strip, text
+
+
+PANEL_WIDTH = 480  # gallery panels are drawn at most this wide
+STRIP_HEIGHT = 200
+
+
+def _tracker_pad(tracker) -> tuple[int, int, int, int]:
+    geometry = getattr(tracker, "geometry", None) or getattr(tracker, "_geometry")
+    return tuple(geometry.pad)
+
+
+def affinity_view(session: Session, slot: str, t: int, x: float, y: float) -> AffinityView:
+    """Ask model ``slot``'s tracker where pixel (x, y) of frame ``t`` read its memory from, and render it."""
+    run = session.runs[slot]
+    tracker, local, direction = session.tracker_for(slot, t)
+    if tracker is None:
+        raise InputError(f"model {slot} has no result for frame {t}; propagate again.")
+    m = tracker.matches(local, int(x), int(y), k=MATCHES_SHOWN)
+    pad = _tracker_pad(tracker)
+    mem_abs = [session.to_absolute(f, direction) for f in m.memory_frames]
+    grids = [g.numpy() for g in m.heatmaps]
+    masks = [run.labels[f] for f in mem_abs]
+    summary = summarize_affinity(grids, masks if all(l is not None for l in masks) else None, pad,
+                                 num_objects=session.num_objects)
+    top = [(session.to_absolute(f, direction), mx, my, w) for f, mx, my, w in m.top]
+    vmax = max(float(g.max()) for g in grids) if grids else None
+    panels = []
+    for t_mem, grid, weight in zip(mem_abs, grids, summary.frame_weight):
+        points = [(mx, my, w, rank) for rank, (f, mx, my, w) in enumerate(top, start=1) if f == t_mem]
+        panel = memory_frame_panel(session.frames[t_mem], grid, points, f"{slot}  t={t_mem}  weight {weight:.2f}",
+                                   pad=pad, vmax=vmax, max_width=PANEL_WIDTH)
+        panels.append((panel, f"{slot} · memory frame {t_mem} · weight {weight:.3f}"))
+    shown = sorted({f for f, *_ in top})
+    strip = match_strip(session.frames[t], (x, y), [(f, session.frames[f]) for f in shown], top,
+                        height=STRIP_HEIGHT, query_label=f"{slot} t={t}")
+    per_frame = ", ".join(f"t={f}: {w:.2f}" for f, w in sorted(zip(mem_abs, summary.frame_weight), key=lambda p: -p[1]))
+    share = ", ".join(
+        ("background" if k == 0 else f"obj{k}") + f" {100 * v:.0f}%" for k, v in summary.object_share.items()
+    )
+    best = top[0] if top else None
+    best_txt = (
+        f" Best match: frame {best[0]} at ({best[1]:.0f}, {best[2]:.0f}), weight {best[3]:.3f}, "
+        f"{float(np.hypot(best[1] - x, best[2] - y)):.0f} px from the clicked pixel." if best else ""
+    )
+    text = (
+        f"**{run.title}**: frame {t}, pixel ({x:.0f}, {y:.0f}), predicted "
+        f"{'background' if run.labels[t][int(y), int(x)] == 0 else 'obj' + str(int(run.labels[t][int(y), int(x)]))}. "
+        f"Entropy {summary.entropy:.2f} nats (≈{summary.effective_matches:.1f} effective matches of top-{tracker.top_k} "
+        f"over {len(mem_abs)} memory frames). Weight per memory frame: {per_frame}. "
+        f"Share of weight inside each mask: {share or 'n/a'}.{best_txt}"
+    )
+    return AffinityView(panels, strip, text)

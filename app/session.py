@@ -1,0 +1,264 @@
+"""App configuration, per-browser-session data and the propagation of two checkpoints.
+
+Nothing here is Gradio-specific: handlers.py turns these objects into component values. Frames,
+label maps and trackers live in a module-level store keyed by the Gradio session hash (never in
+``gr.State``, which deep-copies its value on every event).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth")
+# The shipped STCN pair (baseline, correspondence-trained): the default A/B choice when present.
+DEFAULT_PAIR = ("stcn-s_baseline.safetensors", "stcn-s_corr.safetensors")
+MAX_OBJECTS = 5
+# Frames kept per video: the CPU cap keeps one propagation of two small models to a few minutes.
+FRAME_CAP = {"cpu": 150, "cuda": 1500}
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class AppConfig:
+    """Settings of one app instance (flags and environment variables fill it in ``__main__``)."""
+
+    checkpoints: Path = field(default_factory=lambda: Path(os.environ.get("CORRVOS_CHECKPOINTS", REPO / "checkpoints")))
+    device: str = field(default_factory=default_device)
+    size: int | None = 480  # processing size given to the Tracker (shorter side); None = input size
+    max_frames: int | None = None  # None: FRAME_CAP for the device
+    preview_every: int = 5
+    max_sessions: int = 4
+    work_root: Path | None = None  # where overlay videos and exports go; a temp dir by default
+
+    def __post_init__(self) -> None:
+        self.checkpoints = Path(self.checkpoints)
+        if self.max_frames is None:
+            self.max_frames = FRAME_CAP["cuda" if self.device.startswith("cuda") else "cpu"]
+
+    @property
+    def device_label(self) -> str:
+        if self.device.startswith("cuda"):
+            import torch
+
+            return f"GPU ({torch.cuda.get_device_name(0)})"
+        return "CPU (no GPU found)"
+
+
+def list_checkpoints(folder: Path) -> list[str]:
+    """Checkpoint file names in ``folder`` (safetensors and upstream .pth), sorted."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
+
+
+def default_checkpoints(names: Sequence[str]) -> tuple[str | None, str | None]:
+    """The shipped STCN pair when both are present, else the first two files (or what there is)."""
+    if all(n in names for n in DEFAULT_PAIR):
+        return DEFAULT_PAIR
+    first = names[0] if names else None
+    second = names[1] if len(names) > 1 else first
+    return first, second
+
+
+def list_examples() -> list[str]:
+    """Bundled example clips: folders of app/examples holding a video and a 00000.png mask."""
+    if not EXAMPLES_DIR.is_dir():
+        return []
+    return sorted(p.name for p in EXAMPLES_DIR.iterdir() if p.is_dir() and (p / "00000.png").is_file())
+
+
+def example_files(name: str) -> tuple[Path, Path]:
+    folder = EXAMPLES_DIR / name
+    videos = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".mp4", ".webm"))
+    return videos[0], folder / "00000.png"
+
+
+class ModelCache:
+    """Loaded checkpoints, keyed by (path, mtime, device), so re-running does not re-read the files."""
+
+    def __init__(self, capacity: int = 2):
+        self.capacity = capacity
+        self._models: OrderedDict[tuple, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: Path, device: str):
+        import corrvos
+
+        key = (str(path), path.stat().st_mtime if path.exists() else 0.0, device)
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+        model = corrvos.load_model(path, device)
+        with self._lock:
+            self._models[key] = model
+            while len(self._models) > self.capacity + 2:  # A and B plus a little slack for switching
+                self._models.popitem(last=False)
+        return model
+
+
+@dataclass
+class ModelRun:
+    """One checkpoint's results on the session's clip.
+
+    ``labels[t]`` is the label map at the input size (None until frame t is done). Frames after the
+    annotated frame ``t0`` come from ``forward`` (local index t - t0), frames before it from
+    ``backward`` (local index t0 - t), which ran on the reversed clip.
+    """
+
+    slot: str
+    checkpoint: Path
+    labels: list[np.ndarray | None]
+    forward: object | None = None
+    backward: object | None = None
+    video: Path | None = None
+
+    @property
+    def title(self) -> str:
+        return f"{self.slot}: {self.checkpoint.name}"
+
+    @property
+    def complete(self) -> bool:
+        return all(lab is not None for lab in self.labels)
+
+
+@dataclass
+class Session:
+    """One browser session's clip, annotation and results."""
+
+    frames: list[np.ndarray]
+    names: list[str]
+    fps: float
+    source: str
+    workdir: Path
+    total_frames: int  # frames in the input before the cap
+    anno_t: int = 0
+    mask: np.ndarray | None = None
+    num_objects: int = 0
+    runs: dict[str, ModelRun] = field(default_factory=dict)
+    gt: list[np.ndarray | None] | None = None
+    example_mask: np.ndarray | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.frames[0].shape[:2]
+
+    def tracker_for(self, slot: str, t: int) -> tuple[object | None, int, int]:
+        """(tracker, local index, direction) serving absolute frame ``t``; direction is +1 or -1."""
+        run = self.runs[slot]
+        if t >= self.anno_t:
+            return run.forward, t - self.anno_t, 1
+        return run.backward, self.anno_t - t, -1
+
+    def to_absolute(self, local: int, direction: int) -> int:
+        return self.anno_t + direction * local
+
+
+class SessionStore:
+    """The last few sessions by session hash; the oldest is dropped (with its temp files) beyond capacity."""
+
+    def __init__(self, capacity: int, work_root: Path | None = None):
+        self.capacity = capacity
+        self.work_root = Path(work_root) if work_root else Path(tempfile.mkdtemp(prefix="corrvos-app-"))
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def new_workdir(self, key: str) -> Path:
+        path = self.work_root / key
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        return path
+
+    def put(self, key: str, session: Session) -> None:
+        with self._lock:
+            self._sessions[key] = session
+            self._sessions.move_to_end(key)
+            while len(self._sessions) > self.capacity:
+                old_key, old = self._sessions.popitem(last=False)
+                if old.workdir != session.workdir:
+                    shutil.rmtree(old.workdir, ignore_errors=True)
+
+    def get(self, key: str) -> Session | None:
+        with self._lock:
+            session = self._sessions.get(key)
+            if session is not None:
+                self._sessions.move_to_end(key)
+            return session
+
+
+@dataclass
+class Progress:
+    """One propagation step: frame ``t`` of model ``slot`` is done; ``done``/``total`` count model-frames."""
+
+    slot: str
+    t: int
+    done: int
+    total: int
+
+
+def propagate_runs(session: Session, models: dict[str, object], config: AppConfig) -> Iterator[Progress]:
+    """Propagate every model forward from ``session.anno_t`` to the end, then backward to frame 0.
+
+    Models advance in lock-step (one frame of A, one of B) so the live preview always shows both at
+    the same frame. Results land in ``session.runs[slot].labels`` as they come, so a stopped run keeps
+    what it has.
+    """
+    import torch
+
+    from corrvos import Tracker
+
+    t0, n = session.anno_t, len(session.frames)
+    for slot, model in models.items():
+        labels: list[np.ndarray | None] = [None] * n
+        labels[t0] = session.mask
+        session.runs[slot].labels = labels
+    total = len(models) * (n - 1)
+    done = 0
+    passes = [(1, session.frames[t0:])]
+    if t0 > 0:
+        passes.append((-1, session.frames[t0::-1]))
+    for direction, clip in passes:
+        if len(clip) < 2:
+            continue
+        gens = {}
+        for slot, model in models.items():
+            # Every frame stays explainable by a click (keys + memory snapshots; about 0.4 MB per 480p frame).
+            tracker = Tracker(model, device=config.device, size=config.size, match_cache_frames=None)
+            if direction == 1:
+                session.runs[slot].forward = tracker
+            else:
+                session.runs[slot].backward = tracker
+            gens[slot] = tracker.propagate(clip, session.mask)
+        active = dict(gens)
+        while active:
+            for slot in list(active):
+                # Entered per step, not around the loop: Gradio may resume this generator on another
+                # worker thread, and inference mode is thread-local.
+                try:
+                    with torch.inference_mode():
+                        local, lab = next(active[slot])
+                except StopIteration:
+                    del active[slot]
+                    continue
+                if local == 0:
+                    continue  # the annotated frame itself: keep the user's mask
+                t = session.to_absolute(local, direction)
+                session.runs[slot].labels[t] = lab
+                done += 1
+                yield Progress(slot, t, done, total)

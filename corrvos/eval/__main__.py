@@ -1,0 +1,109 @@
+"""``python -m corrvos.eval``: DAVIS J&F of a results folder, or of a checkpoint run over the split first.
+
+    python -m corrvos.eval --davis DAVIS --split val --results RESULTS [--year 2016|2017]
+    python -m corrvos.eval --davis DAVIS --split val --checkpoint model.safetensors [--out DIR] [--device cuda]
+
+The CSVs (``global_results.csv``, ``per-sequence_results.csv``) are written into the results folder.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from corrvos.errors import CorrvosError, InputError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m corrvos.eval",
+        description="Semi-supervised DAVIS evaluation (J&F identical to the official davis2017-evaluation tool).",
+    )
+    ap.add_argument("--davis", required=True, type=Path,
+                    help="DAVIS folder: standard layout (JPEGImages/480p, Annotations/480p, ImageSets) "
+                         "or the compact copy (videos/<seq>.mp4, Annotations/480p, ImageSets/480p)")
+    ap.add_argument("--split", default="val", help="split name in ImageSets (default: val)")
+    ap.add_argument("--year", choices=["2016", "2017"], default=None,
+                    help="DAVIS year; default: 2017 when ImageSets/2017 exists, else 2016")
+    ap.add_argument("--sequences", default=None, help="comma-separated subset of the split's sequences")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--results", type=Path, help="folder of predicted palette PNGs: <seq>/<frame>.png")
+    src.add_argument("--checkpoint", type=Path, help="run this model over the split first, then evaluate")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="where --checkpoint writes its PNGs (default: outputs/eval/<checkpoint>_davis<year>_<split>)")
+    ap.add_argument("--device", default=None, help="torch device for --checkpoint (default: cuda if available)")
+    ap.add_argument("--size", type=int, default=480,
+                    help="shorter side the tracker resizes frames to (0 = original size; default 480)")
+    ap.add_argument("--correspondence", action="store_true",
+                    help="with --checkpoint: also report mask precision@k and cycle consistency of the affinity")
+    ap.add_argument("--k", type=int, default=10, help="k of mask precision@k (default 10)")
+    ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                    help="processes scoring sequences in parallel (default: min(4, CPUs))")
+    ap.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return ap
+
+
+def _default_out(args: argparse.Namespace, year: str) -> Path:
+    return Path("outputs") / "eval" / f"{args.checkpoint.stem}_davis{year}_{args.split}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from corrvos.eval.davis_eval import evaluate_results, format_tables, open_davis, write_csvs
+
+    start = time.perf_counter()
+    sequences = [s.strip() for s in args.sequences.split(",") if s.strip()] if args.sequences else None
+    split = open_davis(args.davis, args.split, args.year, sequences)
+    progress = not args.no_progress
+    run_stats = corr = None
+    if args.checkpoint is not None:
+        results_dir = args.out or _default_out(args, split.year)
+        run_stats, corr = _run_model(args, split, results_dir, progress)
+    else:
+        if args.correspondence:
+            raise InputError("--correspondence needs --checkpoint (it measures the model's own affinity); add one.")
+        results_dir = args.results
+    result = evaluate_results(split, results_dir, workers=args.workers, progress=progress)
+    global_csv, seq_csv = write_csvs(result, results_dir)
+    print(format_tables(result, args.split))
+    print(f"\nGlobal results saved in {global_csv}\nPer-sequence results saved in {seq_csv}")
+    if run_stats is not None:
+        print(f"\nSegmentation: {run_stats.frames} frames of {run_stats.sequences} sequences in "
+              f"{run_stats.model_seconds:.2f} s of model time: {run_stats.fps:.2f} FPS (amortised, I/O excluded)")
+    if corr is not None:
+        print("\n" + corr.format_table())
+    print(f"\nEvaluation took {result.seconds:.2f} s; total time {time.perf_counter() - start:.2f} s")
+    return 0
+
+
+def _run_model(args, split, results_dir: Path, progress: bool):
+    import torch
+
+    from corrvos import load_model
+    from corrvos.eval.predict import predict_split
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.checkpoint, device=device)
+    hook = recorder = None
+    if args.correspondence:
+        from corrvos.eval.correspondence_run import CorrespondenceRecorder
+
+        recorder = CorrespondenceRecorder(split, k=args.k)
+        hook = recorder.on_frame
+    stats = predict_split(split, model, results_dir, device=device, size=args.size or None,
+                          progress=progress, on_frame=hook)
+    return stats, recorder
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except CorrvosError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

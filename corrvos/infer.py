@@ -1,0 +1,162 @@
+"""Segment the objects of a first-frame mask through a whole video.
+
+    python -m corrvos.infer --checkpoint checkpoints/stcn-s.safetensors --video clip.mp4 --mask first.png --out out/
+
+writes one DAVIS palette PNG per input frame (named after the input frames, or 00000.png, ... for a
+video) and ``overlay.mp4``, an H.264 video of the masks drawn on the frames.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from corrvos.errors import CheckpointError, CorrvosError, InputError
+
+OVERLAY_NAME = "overlay.mp4"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m corrvos.infer",
+        description=(
+            "Propagate a first-frame object mask through a video with an STCN/XMem checkpoint. Writes one "
+            "palette PNG per input frame (same count and names) and overlay.mp4 (H.264) to --out."
+        ),
+        epilog="Errors are printed as one line starting with 'error:' and exit with status 2.",
+    )
+    p.add_argument("--checkpoint", required=True, type=Path,
+                   help="model weights: a corrvos .safetensors checkpoint or an upstream STCN/XMem .pth")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--video", type=Path, help="input video file (mp4, webm, mov, avi, ...)")
+    src.add_argument("--frames", type=Path,
+                     help="input frames: a folder of .jpg/.png images or a .zip of them, in natural name order")
+    p.add_argument("--mask", required=True, type=Path,
+                   help="first-frame mask at the frames' size: palette PNG (DAVIS), 0/255 grayscale, or RGB "
+                        "with one colour per object")
+    p.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="where the model runs (default: cuda when available, else cpu)")
+    p.add_argument("--size", type=int, default=480,
+                   help="internal processing size of the short side; -1 keeps the input size (default: 480). "
+                        "Masks are always written at the input size")
+    p.add_argument("--mem-every", type=int, default=5,
+                   help="add a frame to the memory every N frames (default: 5)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="memory positions kept per query pixel in the softmax (default: the model's: 20 STCN, 30 XMem)")
+    p.add_argument("--fps", type=float, default=None,
+                   help="frame rate of overlay.mp4 (default: the video's, or 24 for frame folders and zips)")
+    return p
+
+
+class _RecentFrames(Sequence):
+    """Lazy frames that keep the last few decoded ones, so drawing frame t after tracking it decodes nothing twice."""
+
+    def __init__(self, frames: Sequence[np.ndarray], keep: int = 4):
+        self._frames = frames
+        self._keep = keep
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def __getitem__(self, t):
+        if isinstance(t, slice):
+            return [self[i] for i in range(*t.indices(len(self)))]
+        if t < 0:
+            t += len(self)
+        if t not in self._cache:
+            self._cache[t] = self._frames[t]
+            while len(self._cache) > self._keep:
+                self._cache.popitem(last=False)
+        return self._cache[t]
+
+
+def _compact_labels(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Renumber the mask's object ids to 1..K (the Tracker's convention); the lookup table maps them back."""
+    ids = np.unique(mask)
+    ids = ids[ids != 0]
+    forward = np.zeros(256, np.uint8)
+    forward[ids] = np.arange(1, len(ids) + 1, dtype=np.uint8)
+    back = np.zeros(256, np.uint8)
+    back[1:len(ids) + 1] = ids
+    return forward[mask], back
+
+
+def _validate_args(args: argparse.Namespace) -> None:
+    if args.size != -1 and args.size < 16:
+        raise InputError(f"--size {args.size} is too small; use a short side of at least 16 pixels, or -1 for the input size.")
+    if args.mem_every < 1:
+        raise InputError(f"--mem-every must be at least 1, not {args.mem_every}.")
+    if args.top_k is not None and args.top_k < 1:
+        raise InputError(f"--top-k must be at least 1, not {args.top_k}.")
+    if args.fps is not None and args.fps <= 0:
+        raise InputError(f"--fps must be positive, not {args.fps}.")
+    if not args.checkpoint.is_file():
+        raise CheckpointError(f"the checkpoint {args.checkpoint} does not exist; give the path of a .safetensors or .pth file.")
+    if args.out.exists() and not args.out.is_dir():
+        raise InputError(f"the output path {args.out} exists and is not a folder; choose a folder for --out.")
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Do the work of the CLI; returns the output folder. Raises CorrvosError on bad input."""
+    _validate_args(args)
+    from corrvos.io.masks import check_mask, read_mask, write_mask
+    from corrvos.io.video import VideoWriter, load_frames
+    from corrvos.viz.overlay import overlay
+
+    # Cheap checks first: a wrong mask is reported before the model is loaded or the video decoded.
+    clip = load_frames(args.video if args.video is not None else args.frames, lazy=True, fps=args.fps)
+    mask = check_mask(read_mask(args.mask), clip.size)
+    first_mask, back = _compact_labels(mask)
+
+    import torch
+    from tqdm import tqdm
+
+    import corrvos
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA GPU is available here; use --device cpu.")
+    model = corrvos.load_model(args.checkpoint, device=device)
+    tracker = corrvos.Tracker(
+        model, device=device, top_k=args.top_k, mem_every=args.mem_every, size=None if args.size == -1 else args.size
+    )
+
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"could not create the output folder {args.out} ({err.strerror}); choose a writable folder.") from err
+    frames = _RecentFrames(clip.frames)
+    written = 0
+    with VideoWriter(args.out / OVERLAY_NAME, fps=clip.fps) as writer:
+        for t, labels in tqdm(tracker.propagate(frames, first_mask), total=len(frames), desc="segmenting", unit="frame"):
+            labels = back[np.asarray(labels, dtype=np.uint8)]
+            write_mask(args.out / f"{clip.names[t]}.png", labels)
+            writer.write(overlay(frames[t], labels))
+            written += 1
+    if written != len(frames):
+        raise InputError(f"only {written} of {len(frames)} frames were segmented; the input may be truncated, re-encode it.")
+    return args.out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        out = run(args)
+    except CorrvosError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; the overlay video was not written.", file=sys.stderr)
+        return 130
+    print(f"wrote {out}/*.png and {out / OVERLAY_NAME}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Training forward passes of STCN and XMem, as upstream trains them (reference spec section 3.4).
+
+The memory read uses ``corrvos.models.similarity`` (full softmax during training). The keys of every
+frame (and, when asked, of PCL's second view, encoded in the same key-encoder call) are returned so
+that the correspondence losses need no extra key computation.
+
+``ClipForward`` wraps the network so that DistributedDataParallel sees one ``forward`` per
+iteration (DDP only synchronises through ``forward``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from corrvos.imageops import aggregate
+from corrvos.models.similarity import read_memory, similarity, softmax_affinity
+
+XMEM_REF_FRAMES = 3  # memory = all earlier frames while t <= 3, else frame 0 + 2 random earlier ones
+XMEM_DEEP_UPDATE_P = 0.2
+
+
+def others_of(masks: Tensor) -> Tensor:
+    """``(B, K, H, W)`` per-object masks -> for each object the sum of the *other* objects' masks."""
+    return masks.sum(dim=1, keepdim=True) - masks
+
+
+def _aggregate(logits: Tensor, selector: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Object logits -> (aggregated logits ``(B, K+1, H, W)``, object probabilities ``(B, K, H, W)``)."""
+    prob = torch.sigmoid(logits.float())
+    if selector is not None:
+        prob = prob * selector[:, :, None, None].to(prob.dtype)
+    agg = aggregate(prob, dim=1)
+    return agg, torch.softmax(agg, dim=1)[:, 1:]
+
+
+def _flat(x: Tensor) -> Tensor:
+    """``(B, ..., C, h, w)`` -> ``(B, ..., C, h*w)``."""
+    return x.flatten(-2)
+
+
+class ClipForward(nn.Module):
+    """Runs one training clip through the network and returns what the losses need.
+
+    ``forward(rgb, first_gt, selector, view=None)``:
+        rgb: ``(B, T, 3, H, W)`` normalised frames; first_gt: ``(B, K, H, W)`` frame-0 masks;
+        selector: ``(B, K)`` 0/1 existing objects; view: optional ``(B, 3, H, W)`` second view.
+    Returns a dict with ``logits`` (list of ``(B, K+1, H, W)`` aggregated logits for frames 1..T-1),
+    ``keys`` ``(B, T, Ck, h, w)``, ``shrinkage``/``selection`` (XMem, else None), ``view_key``.
+    """
+
+    def __init__(self, net: nn.Module, deep_update_p: float = XMEM_DEEP_UPDATE_P) -> None:
+        super().__init__()
+        self.net = net
+        self.deep_update_p = deep_update_p
+
+    def encode_keys(self, rgb: Tensor, view: Tensor | None) -> tuple[Any, Tensor | None, int]:
+        b, t = rgb.shape[:2]
+        images = rgb.flatten(0, 1)
+        if view is not None:
+            # One key-encoder call for the clip and the view: the view costs one more batch entry.
+            images = torch.cat([images, view], dim=0)
+        feats = self.net.encode_key(images)
+        view_key = feats.key[b * t:] if view is not None else None
+
+        def split(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x[: b * t].unflatten(0, (b, t))
+
+        return type(feats)(*(split(x) for x in feats)), view_key, t
+
+    def forward(self, rgb: Tensor, first_gt: Tensor, selector: Tensor, view: Tensor | None = None) -> dict[str, Any]:
+        feats, view_key, num_frames = self.encode_keys(rgb, view)
+        if self.net.config.arch == "xmem":
+            logits = self._xmem(rgb, feats, first_gt, selector, num_frames)
+        else:
+            logits = self._stcn(rgb, feats, first_gt, selector, num_frames)
+        return {"logits": logits, "keys": feats.key, "shrinkage": feats.shrinkage,
+                "selection": feats.selection, "view_key": view_key}
+
+    @staticmethod
+    def _frame(feats: Any, t: int) -> Any:
+        return type(feats)(*(None if x is None else x[:, t] for x in feats))
+
+    def _stcn(self, rgb: Tensor, feats: Any, first_gt: Tensor, selector: Tensor, num_frames: int) -> list[Tensor]:
+        net = self.net
+        value, _ = net.encode_value(rgb[:, 0], self._frame(feats, 0), None, first_gt, others_of(first_gt))
+        values = [value]  # each (B, K, Cv, h, w)
+        out = []
+        for t in range(1, num_frames):
+            mem_key = _flat(feats.key[:, :t].transpose(1, 2).flatten(2, 3))  # (B, Ck, t*h*w)
+            query = self._frame(feats, t)
+            aff = softmax_affinity(similarity(mem_key, _flat(query.key)))
+            mem_value = torch.cat([_flat(v) for v in values], dim=-1)  # (B, K, Cv, t*h*w)
+            readout = read_memory(aff, mem_value).unflatten(-1, query.key.shape[-2:])
+            _, logits = net.decode(query, readout)
+            agg, prob = _aggregate(logits, selector)
+            out.append(agg)
+            if t < num_frames - 1:
+                value, _ = net.encode_value(rgb[:, t], query, None, prob, others_of(prob))
+                values.append(value)
+        return out
+
+    def _xmem(self, rgb: Tensor, feats: Any, first_gt: Tensor, selector: Tensor, num_frames: int) -> list[Tensor]:
+        net = self.net
+        b = rgb.shape[0]
+        value, hidden = net.encode_value(rgb[:, 0], self._frame(feats, 0), None, first_gt, others_of(first_gt),
+                                         deep_update=True)
+        values = [value]
+        out = []
+        for t in range(1, num_frames):
+            if t <= XMEM_REF_FRAMES:
+                idx = torch.arange(t).expand(b, t)
+            else:
+                # Frame 0 plus (REF - 1) random earlier frames, drawn per sample (as upstream).
+                idx = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long),
+                                              torch.randperm(t - 1)[: XMEM_REF_FRAMES - 1] + 1]) for _ in range(b)])
+            idx = idx.to(rgb.device)
+            bi = torch.arange(b, device=rgb.device)[:, None]
+            mem_key = _flat(feats.key[bi, idx].transpose(1, 2).flatten(2, 3))  # (B, Ck, R*h*w)
+            mem_shrink = _flat(feats.shrinkage[bi, idx].transpose(1, 2).flatten(2, 3))  # (B, 1, R*h*w)
+            all_values = torch.stack(values, dim=1)  # (B, t, K, Cv, h, w)
+            mem_value = _flat(all_values[bi, idx].permute(0, 2, 3, 1, 4, 5).flatten(3, 4))  # (B, K, Cv, R*h*w)
+            query = self._frame(feats, t)
+            sim = similarity(mem_key, _flat(query.key), mem_shrink, _flat(query.selection))
+            readout = read_memory(softmax_affinity(sim), mem_value).unflatten(-1, query.key.shape[-2:])
+            hidden, logits = net.decode(query, readout, hidden, update_hidden=t < num_frames - 1)
+            agg, prob = _aggregate(logits, selector)
+            out.append(agg)
+            if t < num_frames - 1:
+                deep = bool(torch.rand(1) < self.deep_update_p)
+                value, hidden = net.encode_value(rgb[:, t], query, hidden, prob, others_of(prob), deep_update=deep)
+                values.append(value)
+        return out

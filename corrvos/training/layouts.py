@@ -1,0 +1,221 @@
+"""Training data on disk: DAVIS-2016/2017 and YouTube-VOS folder layouts and the compact DAVIS-2016 copy.
+
+Kept free of torch so that the proposal workers (``corrvos.training.proposals``) start fast.
+
+Layouts understood (``find_sequences``):
+- DAVIS:        ``ROOT/JPEGImages/480p/<seq>/*.jpg`` + ``ROOT/Annotations/480p/<seq>/*.png``; the split comes
+                from ``ImageSets/2017/<split>.txt``, ``ImageSets/2016/<split>.txt`` or the DAVIS-2016 frame list
+                ``ImageSets/480p/<split>.txt`` (first one found). DAVIS-2016 masks are 0/255 greyscale (one
+                object), DAVIS-2017 masks are palette PNGs (index = object id).
+- YouTube-VOS:  ``ROOT/JPEGImages/<seq>/*.jpg`` + ``ROOT/Annotations/<seq>/*.png`` (ROOT is the ``train``
+                folder); an optional ``ROOT/meta.json`` restricts the videos to those it lists. Frames are every
+                5th frame of the source video, so the max skip is divided by 5 (``VideoSequence.skip_divisor``).
+- compact:      ``ROOT/videos/<seq>.mp4`` + ``ROOT/Annotations/480p/<seq>/%05d.png`` (the shared DAVIS-2016
+                copy); unpacked once to the DAVIS layout under a cache folder by ``unpack_compact``.
+Only frames that have both an image and a mask are used. Frame keys are ``"<seq>/<frame stem>"``; the
+proposal cache uses the same keys.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from corrvos.errors import DatasetError
+from corrvos.io.video import natural_key, read_video
+
+PathLike = str | os.PathLike
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+@dataclass(frozen=True)
+class VideoSequence:
+    name: str
+    frames: tuple[Path, ...]
+    masks: tuple[Path, ...]
+    skip_divisor: int = 1  # 5 for YouTube-VOS, whose frames are already every 5th frame
+
+    @property
+    def keys(self) -> list[str]:
+        return [f"{self.name}/{p.stem}" for p in self.frames]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CORRVOS_CACHE", Path.home() / ".cache" / "corrvos")).expanduser()
+
+
+def is_compact(root: PathLike) -> bool:
+    root = Path(root)
+    return (root / "videos").is_dir() and (root / "Annotations" / "480p").is_dir()
+
+
+def read_rgb(path: PathLike) -> np.ndarray:
+    """RGB uint8 ``HxWx3`` image; DatasetError when the file cannot be decoded."""
+    import cv2
+
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise DatasetError(f"Cannot read the training image {path}; check that the file exists and is a valid image.")
+    return np.ascontiguousarray(bgr[:, :, ::-1])
+
+
+def read_labels(path: PathLike) -> np.ndarray:
+    """uint8 ``HxW`` label map: palette index per pixel, or 0/1 for greyscale (DAVIS-2016 0/255) masks.
+
+    Palette index 255 (the "void" colour some annotation tools use) is treated as background.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.mode == "P":
+                labels = np.array(im, dtype=np.uint8)
+                labels[labels == 255] = 0
+                return labels
+            return (np.array(im.convert("L")) >= 128).astype(np.uint8)
+    except (OSError, ValueError) as err:
+        raise DatasetError(f"Cannot read the mask {path} ({err}); check that it is a valid PNG.") from None
+
+
+def _read_names(path: Path) -> list[str]:
+    """Sequence names from a split file: one name per line, or DAVIS-2016 ``/JPEGImages/480p/<seq>/x.jpg`` lines."""
+    names: list[str] = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        first = line.split()[0]
+        name = first.split("/")[3] if first.startswith("/JPEGImages/") else first
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _requested(sequences: list[str] | PathLike | None) -> list[str] | None:
+    if sequences is None:
+        return None
+    if isinstance(sequences, (str, os.PathLike)) and Path(sequences).is_file():
+        return _read_names(Path(sequences))
+    if isinstance(sequences, (str, os.PathLike)):
+        raise DatasetError(f"The sequence list {sequences} does not exist; pass an existing text file or a list of names.")
+    return list(sequences)
+
+
+def _split_names(root: Path, split: str) -> list[str] | None:
+    for rel in (f"ImageSets/2017/{split}.txt", f"ImageSets/2016/{split}.txt", f"ImageSets/480p/{split}.txt"):
+        if (root / rel).is_file():
+            return _read_names(root / rel)
+    return None
+
+
+def _pair_frames(name: str, image_dir: Path, mask_dir: Path, divisor: int) -> VideoSequence | None:
+    if not image_dir.is_dir() or not mask_dir.is_dir():
+        return None
+    masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() == ".png"}
+    frames = sorted((p for p in image_dir.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES and p.stem in masks),
+                    key=lambda p: natural_key(p.name))
+    if not frames:
+        return None
+    return VideoSequence(name, tuple(frames), tuple(masks[p.stem] for p in frames), divisor)
+
+
+def find_sequences(root: PathLike, split: str = "train", sequences: list[str] | PathLike | None = None,
+                   cache_dir: PathLike | None = None) -> list[VideoSequence]:
+    """The training sequences of a DAVIS / YouTube-VOS / compact folder (see the module docstring).
+
+    ``sequences`` (names or a text file of names) restricts the split. A compact copy is unpacked
+    once under ``cache_dir`` (default ``$CORRVOS_CACHE`` or ``~/.cache/corrvos``).
+    """
+    root = Path(root)
+    wanted = _requested(sequences)
+    if is_compact(root):
+        names = wanted or _split_names(root, split) or sorted(p.stem for p in (root / "videos").glob("*.mp4"))
+        out = unpack_compact(root, Path(cache_dir or default_cache_dir()) / f"{root.name}-unpacked", names)
+        return find_sequences(out, split, names)
+    if (root / "JPEGImages" / "480p").is_dir():
+        image_root, mask_root, divisor = root / "JPEGImages" / "480p", root / "Annotations" / "480p", 1
+        names = wanted or _split_names(root, split)
+    elif (root / "JPEGImages").is_dir():
+        image_root, mask_root, divisor = root / "JPEGImages", root / "Annotations", 5
+        names = wanted
+        if names is None and (root / "meta.json").is_file():
+            names = sorted(json.loads((root / "meta.json").read_text()).get("videos", {}))
+    else:
+        raise DatasetError(f"{root} is not a DAVIS, YouTube-VOS or compact DAVIS folder (no JPEGImages/ or videos/); "
+                           "point --data at the dataset root.")
+    if names is None:
+        names = sorted((p.name for p in image_root.iterdir() if p.is_dir()), key=natural_key)
+    seqs = [s for n in names if (s := _pair_frames(n, image_root / n, mask_root / n, divisor)) is not None]
+    missing = [n for n in names if not any(s.name == n for s in seqs)]
+    if wanted is not None and missing:
+        raise DatasetError(f"Sequences {', '.join(missing[:5])} have no frames with masks under {root}; "
+                           "check the names or the dataset folder.")
+    if not seqs:
+        raise DatasetError(f"No sequence with both frames and masks found under {root} for split {split!r}.")
+    return seqs
+
+
+def unpack_compact(root: PathLike, out: PathLike, sequences: list[str] | None = None, quality: int = 95) -> Path:
+    """Decode the compact copy's videos into ``OUT/JPEGImages/480p/<seq>/%05d.jpg`` (+ masks) once.
+
+    Each sequence is written to a temporary folder and renamed when complete, so an interrupted
+    unpack never leaves a half-written sequence that a later call would trust.
+    """
+    import cv2
+
+    root, out = Path(root), Path(out)
+    names = sequences or sorted(p.stem for p in (root / "videos").glob("*.mp4"))
+    for name in names:
+        jdir = out / "JPEGImages" / "480p" / name
+        adir = out / "Annotations" / "480p" / name
+        if jdir.is_dir() and adir.is_dir():
+            continue
+        video = root / "videos" / f"{name}.mp4"
+        masks = sorted((root / "Annotations" / "480p" / name).glob("*.png"))
+        if not video.is_file() or not masks:
+            raise DatasetError(f"The compact copy {root} has no video or masks for sequence {name!r}.")
+        frames = read_video(video)
+        if len(frames) != len(masks):
+            raise DatasetError(f"{video} has {len(frames)} frames but {len(masks)} masks; the compact copy is damaged.")
+        for final, write in ((jdir, "frames"), (adir, "masks")):
+            tmp = final.with_name(final.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            if write == "frames":
+                for t, rgb in enumerate(frames):
+                    cv2.imwrite(str(tmp / f"{t:05d}.jpg"), rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+            else:
+                for m in masks:
+                    shutil.copy2(m, tmp / m.name)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    return out
+
+
+def compact_frames(root: PathLike, split: str = "train", sequences: list[str] | PathLike | None = None,
+                   skip: set[str] | frozenset[str] = frozenset()):
+    """Yield ``(key, rgb)`` for every annotated frame of the compact copy not in ``skip``, decoding each video once."""
+    root = Path(root)
+    names = _requested(sequences) or _split_names(root, split) or sorted(p.stem for p in (root / "videos").glob("*.mp4"))
+    for name in names:
+        stems = [p.stem for p in sorted((root / "Annotations" / "480p" / name).glob("*.png"))
+                 if f"{name}/{p.stem}" not in skip]
+        if not stems:
+            continue
+        frames = read_video(root / "videos" / f"{name}.mp4")
+        for stem in stems:
+            t = int(stem)
+            if t < len(frames):
+                yield f"{name}/{stem}", frames[t]
+
+
+def compact_keys(root: PathLike, split: str = "train", sequences: list[str] | PathLike | None = None) -> list[str]:
+    """Frame keys of the compact copy without decoding anything (the masks name the frames)."""
+    root = Path(root)
+    names = _requested(sequences) or _split_names(root, split) or sorted(p.stem for p in (root / "videos").glob("*.mp4"))
+    return [f"{n}/{p.stem}" for n in names for p in sorted((root / "Annotations" / "480p" / n).glob("*.png"))]

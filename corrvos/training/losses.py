@@ -1,0 +1,144 @@
+"""The training objective, Eq. 12: ``L = L_seg + alpha(it) * (L_PCL + beta * L_OCL)``.
+
+``L_seg`` is upstream's (bootstrapped CE on the soft-aggregated logits, + Dice for XMem), summed
+over the predicted frames 1..T-1 and averaged over the batch. ``L_PCL`` and ``L_OCL`` reuse the keys
+the segmentation forward computed (``corrvos.training.forward``); see ``pcl.py`` and ``ocl.py`` for
+how each is defined where the paper leaves room.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from corrvos.training.contrastive import Negatives
+from corrvos.training.ocl import ocl_loss
+from corrvos.training.pcl import pcl_loss
+from corrvos.training.schedule import ALPHA_MAX, BETA, bootstrap_p, correspondence_alpha
+from corrvos.training.seg_losses import bootstrapped_ce, dice_loss
+
+CORR_TERMS = ("pcl", "ocl")
+
+
+def parse_corr(text: str) -> frozenset[str]:
+    """``"none" | "pcl" | "ocl" | "pcl,ocl"`` -> the set of enabled correspondence terms."""
+    text = text.strip().lower()
+    if text in ("", "none"):
+        return frozenset()
+    terms = frozenset(t.strip() for t in text.split(",") if t.strip())
+    unknown = terms - set(CORR_TERMS)
+    if unknown:
+        raise ValueError(f"unknown correspondence loss {sorted(unknown)}; use none, pcl, ocl or pcl,ocl")
+    return terms
+
+
+@dataclass
+class LossConfig:
+    """Everything that decides the loss value at an iteration.
+
+    ``bootstrap_scale`` scales upstream's 20K/70K bootstrapping thresholds; ``alpha_warmup`` is the
+    number of iterations alpha takes to go from 0 to ``alpha_max`` (starting at ``alpha_start``).
+    """
+
+    corr: frozenset[str] = field(default_factory=lambda: frozenset(CORR_TERMS))
+    cross_view: bool = True
+    negatives: Negatives = Negatives.BOTH
+    ocl_proposals: bool = True
+    ocl_annotated: bool = True
+    alpha_max: float = ALPHA_MAX
+    alpha_warmup: int = 10_000
+    alpha_start: int = 0
+    beta: float = BETA
+    bootstrap_scale: float = 1.0
+    dice: bool = False  # XMem adds Dice
+
+    @property
+    def pcl(self) -> bool:
+        return "pcl" in self.corr
+
+    @property
+    def ocl(self) -> bool:
+        return "ocl" in self.corr
+
+
+def segmentation_loss(logits: list[Tensor], cls_gt: Tensor, selector: Tensor | None, p: float,
+                      dice: bool) -> tuple[Tensor, Tensor | None]:
+    """Sum over frames of bootstrapped CE (and Dice). ``logits[i]`` is frame ``i + 1``'s ``(B, K+1, H, W)``."""
+    ce = sum(bootstrapped_ce(lg, cls_gt[:, i + 1], p, selector) for i, lg in enumerate(logits))
+    dc = sum(dice_loss(lg, cls_gt[:, i + 1], selector) for i, lg in enumerate(logits)) if dice else None
+    return ce, dc
+
+
+def boxes_from_batch(batch: dict[str, Any], frame: int) -> tuple[list[Tensor], list[Tensor]]:
+    """Per-sample boxes ``(N, 4)`` and ids ``(N,)`` (0 = proposal, object id > 0) of clip frame ``frame``.
+
+    Reads the collated sample format of ``corrvos.training.datasets``: ``boxes`` ``(B, T, P, 4)``
+    with ``num_boxes`` ``(B, T)`` valid rows, and ``object_boxes`` ``(B, T, A, 4)`` (``-1`` rows where
+    an object is absent) with ``object_box_ids`` ``(B, A)`` (``-1`` padding).
+    """
+    out_boxes, out_ids = [], []
+    for b in range(batch["boxes"].shape[0]):
+        n = int(batch["num_boxes"][b, frame])
+        props = batch["boxes"][b, frame, :n].float()
+        obj = batch["object_boxes"][b, frame].float()
+        obj_ids = batch["object_box_ids"][b].long()
+        present = (obj_ids > 0) & (obj[:, 2] > obj[:, 0]) & (obj[:, 3] > obj[:, 1]) & (obj[:, 0] >= 0)
+        out_boxes.append(torch.cat([props, obj[present]]))
+        out_ids.append(torch.cat([torch.zeros(n, dtype=torch.long), obj_ids[present].cpu()]))
+    return out_boxes, out_ids
+
+
+def compute_losses(out: dict[str, Any], batch: dict[str, Any], config: LossConfig, iteration: int,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+    """Total loss and the float value of every term (for logging).
+
+    Args:
+        out: the forward's dict (``logits``, ``keys``, ``shrinkage``, ``selection``, ``view_key``).
+        batch: the collated training batch (``cls_gt``, ``selector``; for the cross-view term
+            ``view2_theta``, the view being of clip frame 0; for OCL the box fields read by
+            ``boxes_from_batch``).
+    """
+    p = bootstrap_p(iteration, config.bootstrap_scale)
+    ce, dc = segmentation_loss(out["logits"], batch["cls_gt"], batch.get("selector"), p, config.dice)
+    total = ce if dc is None else ce + dc
+    stats: dict[str, float] = {"ce": float(ce.detach()), "p": p}
+    if dc is not None:
+        stats["dice"] = float(dc.detach())
+
+    alpha = correspondence_alpha(iteration, config.alpha_warmup, config.alpha_max, config.alpha_start)
+    stats["alpha"] = alpha
+    corr = None
+    keys = out["keys"].float()
+    if config.pcl:
+        use_view = config.cross_view and out.get("view_key") is not None
+        pcl = pcl_loss(
+            keys,
+            shrinkage=None if out.get("shrinkage") is None else out["shrinkage"].float(),
+            selection=None if out.get("selection") is None else out["selection"].float(),
+            view_key=out["view_key"].float() if use_view else None,
+            view_to_frame=batch["view2_theta"].to(keys.device) if use_view else None,
+            view_frame=torch.zeros(keys.shape[0], dtype=torch.long) if use_view else None,
+            negatives=config.negatives,
+            generator=generator,
+        )
+        stats["pcl"] = float(pcl.detach())
+        corr = pcl
+    if config.ocl:
+        t_first, t_last = 0, keys.shape[1] - 1
+        boxes_t, ids_t = boxes_from_batch(batch, t_first)
+        boxes_t2, ids_t2 = boxes_from_batch(batch, t_last)
+        result = ocl_loss(
+            keys[:, t_first], keys[:, t_last], boxes_t, ids_t, boxes_t2, ids_t2,
+            image_size=tuple(batch["cls_gt"].shape[-2:]),
+            negatives=config.negatives, use_proposals=config.ocl_proposals, use_annotated=config.ocl_annotated,
+            generator=generator,
+        )
+        stats["ocl"] = float(result.loss.detach())
+        stats["ocl_n"] = float(result.num_queries)
+        corr = config.beta * result.loss if corr is None else corr + config.beta * result.loss
+    if corr is not None:
+        total = total + alpha * corr
+    stats["loss"] = float(total.detach())
+    return total, stats

@@ -1,0 +1,190 @@
+"""L_PCL: correspondence learning from pixel-level consistency (paper Eq. 5-7, Sec. 3.3).
+
+Choices where the paper leaves room (also in the README, "Correspondence-aware training"):
+
+* Keys. The features are the keys the segmentation forward already computed: the output of the
+  model's key projection at stride 16, the very tensor the memory read uses (for XMem together
+  with its shrinkage on the anchor/candidate side and its selection on the query side), and the
+  similarity is ``corrvos.models.similarity.similarity``. No extra key head (the paper's code adds
+  a second projection ``key_proj2``; we do not, so the loss shapes the matching used at test time).
+* Anchors. Frame tau's keys are sampled on a jittered ``8 x 8`` grid: the key map is split into
+  ``8 x 8`` cells and one random position is taken per cell (integer positions, no interpolation).
+  When the map is smaller than 8 in a dimension, the grid shrinks to the map size.
+* Frames. In a training clip of T frames (3 for STCN, 8 for XMem, in sampled temporal order),
+  frame 0 is the anchor tau (the reference frame every other frame reads from) and every
+  consecutive pair (t, t+1) of the remaining frames gives a term, in both directions (pseudo
+  labels from t supervise t+1 and vice versa: local continuity is symmetric). For STCN this is
+  (1 -> 2) and (2 -> 1).
+* Pseudo labels (Eq. 5-6): j* = argmax over the anchors of *this* video of the similarity to
+  frame t's pixel i, computed without gradient.
+* Loss (Eq. 7): frame t+1's pixel i must pick anchor j* among the candidates = anchors of this
+  video + anchors of the other videos of the batch (negatives; ``Negatives`` switches to intra-
+  or inter-video only). Eq. 7 writes ``-log sum_i (...)``; we use ``mean_i -log(...)``, the standard
+  InfoNCE form: with the sum inside the log the loss is minimised by making a single pixel right.
+* Cross-view anchor (Sec. 3.3): a second geometric view of one clip frame (random multi-scale
+  crop + flip, given by the dataset with the affine that maps view coordinates to the frame's)
+  gives known correspondences: grid points of the view's key map are mapped into the frame,
+  whose keys are sampled there bilinearly; each view point must pick its own warped frame
+  feature among the warped features of all grid points of the batch (InfoNCE). Points that
+  fall outside the frame are dropped. This term uses the plain similarity (the view's key pass
+  skips XMem's shrinkage/selection to stay cheap).
+* L_PCL is the mean of the temporal term and (when enabled) the cross-view term.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from corrvos.models.similarity import similarity
+from corrvos.training.contrastive import Negatives, contrastive_ce, video_candidate_mask
+
+ANCHOR_GRID = 8
+
+
+def jittered_grid(batch: int, h: int, w: int, grid: int = ANCHOR_GRID, generator: torch.Generator | None = None,
+                  device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """One random integer position per cell of a ``grid x grid`` partition of an ``h x w`` map.
+
+    Returns ``(ys, xs)``, each ``(B, G)`` long with ``G = min(grid, h) * min(grid, w)``.
+    """
+    gy, gx = min(grid, h), min(grid, w)
+    y_edges = torch.div(torch.arange(gy + 1) * h, gy, rounding_mode="floor")
+    x_edges = torch.div(torch.arange(gx + 1) * w, gx, rounding_mode="floor")
+    y0, ysize = y_edges[:-1], y_edges[1:] - y_edges[:-1]
+    x0, xsize = x_edges[:-1], x_edges[1:] - x_edges[:-1]
+    ry = torch.rand(batch, gy, gx, generator=generator)
+    rx = torch.rand(batch, gy, gx, generator=generator)
+    # rand is in [0, 1), so floor(rand * size) stays inside the cell.
+    ys = y0[None, :, None] + (ry * ysize[None, :, None]).long()
+    xs = x0[None, None, :] + (rx * xsize[None, None, :]).long()
+    return ys.reshape(batch, -1).to(device), xs.reshape(batch, -1).to(device)
+
+
+def gather_points(feat: Tensor, ys: Tensor, xs: Tensor) -> Tensor:
+    """``(B, C, h, w)`` features at integer positions ``(B, G)`` -> ``(B, C, G)``."""
+    b, c, h, w = feat.shape
+    flat = (ys * w + xs)[:, None, :].expand(b, c, -1)
+    return feat.flatten(2).gather(2, flat)
+
+
+def _flatten_batch(x: Tensor | None) -> Tensor | None:
+    """``(B, C, G)`` -> ``(1, C, B*G)``, candidates laid out video by video."""
+    if x is None:
+        return None
+    b, c, g = x.shape
+    return x.permute(1, 0, 2).reshape(1, c, b * g)
+
+
+def pcl_temporal(anchor_key: Tensor, key_t: Tensor, key_t1: Tensor, *, anchor_shrinkage: Tensor | None = None,
+                 selection_t: Tensor | None = None, selection_t1: Tensor | None = None,
+                 negatives: Negatives | str = Negatives.BOTH, grid: int = ANCHOR_GRID,
+                 generator: torch.Generator | None = None) -> Tensor:
+    """Eq. 5-7 for one (tau; t -> t+1) triple of a batch of clips.
+
+    Args:
+        anchor_key: ``(B, C, h, w)`` keys of the anchor frame tau.
+        key_t: ``(B, C, h, w)`` keys of frame t (gives the pseudo labels, no gradient).
+        key_t1: ``(B, C, h, w)`` keys of frame t+1 (the student).
+        anchor_shrinkage: optional ``(B, 1, h, w)`` XMem shrinkage of frame tau.
+        selection_t / selection_t1: optional ``(B, C, h, w)`` XMem selection of frames t / t+1.
+        negatives: which candidates compete (see ``Negatives``).
+    """
+    b, c, h, w = anchor_key.shape
+    ys, xs = jittered_grid(b, h, w, grid, generator, anchor_key.device)
+    anchors = gather_points(anchor_key, ys, xs)  # (B, C, G)
+    shrink = gather_points(anchor_shrinkage, ys, xs) if anchor_shrinkage is not None else None
+    num_anchor = anchors.shape[2]
+
+    with torch.no_grad():
+        sel_t = selection_t.flatten(2) if selection_t is not None else None
+        own_sim = similarity(anchors.detach(), key_t.detach().flatten(2),
+                             shrink.detach() if shrink is not None else None,
+                             sel_t.detach() if sel_t is not None else None)  # (B, G, hw)
+        pseudo = own_sim.argmax(dim=1)  # (B, hw)
+        target = pseudo + torch.arange(b, device=pseudo.device)[:, None] * num_anchor
+
+    cand = _flatten_batch(anchors).expand(b, -1, -1)
+    cand_shrink = _flatten_batch(shrink)
+    if cand_shrink is not None:
+        cand_shrink = cand_shrink.expand(b, -1, -1)
+    sel_t1 = selection_t1.flatten(2) if selection_t1 is not None else None
+    sim = similarity(cand, key_t1.flatten(2), cand_shrink, sel_t1)  # (B, B*G, hw)
+    allowed = video_candidate_mask(b, num_anchor, negatives, target)
+    return contrastive_ce(sim, target, allowed)
+
+
+def view_points_in_frame(ys: Tensor, xs: Tensor, h: int, w: int, view_to_frame: Tensor) -> tuple[Tensor, Tensor]:
+    """Map feature-cell centres of the view to normalised ``[-1, 1]`` frame coordinates.
+
+    ``view_to_frame`` is ``(B, 2, 3)`` in ``F.affine_grid`` convention (``align_corners=False``):
+    ``grid_sample(frame, affine_grid(theta, view_size))`` reproduces the view. Returns the
+    ``(B, G, 2)`` ``(x, y)`` coordinates and a ``(B, G)`` bool mask of points inside the frame.
+    """
+    xn = (2 * xs.to(view_to_frame.dtype) + 1) / w - 1
+    yn = (2 * ys.to(view_to_frame.dtype) + 1) / h - 1
+    homog = torch.stack([xn, yn, torch.ones_like(xn)], dim=-1)  # (B, G, 3)
+    coords = homog @ view_to_frame.transpose(1, 2)  # (B, G, 2)
+    inside = (coords.abs() <= 1).all(dim=-1)
+    return coords, inside
+
+
+def pcl_cross_view(view_key: Tensor, frame_key: Tensor, view_to_frame: Tensor, *,
+                   negatives: Negatives | str = Negatives.BOTH, grid: int = ANCHOR_GRID,
+                   generator: torch.Generator | None = None) -> Tensor:
+    """Cross-view InfoNCE with correspondences known from the view's affine (Sec. 3.3).
+
+    Args:
+        view_key: ``(B, C, h, w)`` keys of the transformed view.
+        frame_key: ``(B, C, h, w)`` keys of the clip frame the view was made from.
+        view_to_frame: ``(B, 2, 3)`` affine from view to frame normalised coordinates.
+    """
+    b, c, h, w = view_key.shape
+    ys, xs = jittered_grid(b, h, w, grid, generator, view_key.device)
+    queries = gather_points(view_key, ys, xs)  # (B, C, G)
+    coords, inside = view_points_in_frame(ys, xs, h, w, view_to_frame.float())
+    warped = F.grid_sample(frame_key, coords[:, :, None, :].to(frame_key.dtype), mode="bilinear",
+                           padding_mode="zeros", align_corners=False)[..., 0]  # (B, C, G)
+    g = queries.shape[2]
+    cand = _flatten_batch(warped).expand(b, -1, -1)
+    sim = similarity(cand, queries)  # (B, B*G, G)
+    target = torch.arange(g, device=sim.device)[None, :] + torch.arange(b, device=sim.device)[:, None] * g
+    allowed = video_candidate_mask(b, g, negatives, target) & inside.reshape(1, b * g, 1)
+    return contrastive_ce(sim, target, allowed, valid=inside)
+
+
+def pcl_loss(keys: Tensor, *, shrinkage: Tensor | None = None, selection: Tensor | None = None,
+             view_key: Tensor | None = None, view_to_frame: Tensor | None = None, view_frame: Tensor | None = None,
+             negatives: Negatives | str = Negatives.BOTH, grid: int = ANCHOR_GRID,
+             generator: torch.Generator | None = None) -> Tensor:
+    """Full L_PCL of a batch of clips (see the module docstring for the frame roles).
+
+    Args:
+        keys: ``(B, T, C, h, w)`` keys of every clip frame (T >= 3).
+        shrinkage: optional ``(B, T, 1, h, w)``; selection: optional ``(B, T, C, h, w)`` (XMem).
+        view_key: optional ``(B, C, h, w)`` keys of the second view (enables the cross-view term).
+        view_to_frame: ``(B, 2, 3)`` affine of the view; view_frame: ``(B,)`` clip index it was made from.
+    """
+    num_frames = keys.shape[1]
+    if num_frames < 3:
+        raise ValueError(f"L_PCL needs at least 3 frames per clip (anchor, t, t+1), got {num_frames}")
+
+    def pick(x: Tensor | None, t: int) -> Tensor | None:
+        return None if x is None else x[:, t]
+
+    terms = []
+    anchor_shrink = pick(shrinkage, 0)
+    for t in range(1, num_frames - 1):
+        for src, dst in ((t, t + 1), (t + 1, t)):
+            terms.append(pcl_temporal(keys[:, 0], keys[:, src], keys[:, dst], anchor_shrinkage=anchor_shrink,
+                                      selection_t=pick(selection, src), selection_t1=pick(selection, dst),
+                                      negatives=negatives, grid=grid, generator=generator))
+    temporal = torch.stack(terms).mean()
+    if view_key is None:
+        return temporal
+    if view_to_frame is None or view_frame is None:
+        raise ValueError("the cross-view term needs view_to_frame and view_frame along with view_key")
+    batch_idx = torch.arange(keys.shape[0], device=keys.device)
+    frame_key = keys[batch_idx, view_frame.to(keys.device).long()]
+    cross = pcl_cross_view(view_key, frame_key, view_to_frame, negatives=negatives, grid=grid, generator=generator)
+    return 0.5 * (temporal + cross)

@@ -1,0 +1,524 @@
+"""The training loop: stage presets, optimiser, frozen BN, AMP, DDP + gradient accumulation, exact resume.
+
+``Trainer(TrainOptions(...)).train()`` is what ``python corrvos/train.py`` runs. Under ``torchrun`` each
+process trains on its shard of every batch (env:// rendezvous, NCCL on CUDA, gloo on CPU).
+
+Exact resume: a checkpoint holds the model, optimiser, LR scheduler, grad scaler, iteration and the
+RNG states (python, numpy, torch, CUDA) of every rank. The data needs no state: a sample is a pure
+function of (seed, step, index) (``corrvos.training.samples``) and the sampler restarts at the
+checkpoint's step; the DataLoader gets its own generator so that creating it never consumes the
+global RNG that the losses and the XMem forward draw from. Checkpoints are written atomically
+(tmp + os.replace) and only the last ``keep_last`` are kept.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from corrvos.errors import CheckpointError, DatasetError
+from corrvos.training.contrastive import Negatives
+from corrvos.training.forward import XMEM_DEEP_UPDATE_P, ClipForward
+from corrvos.training.losses import LossConfig, compute_losses
+from corrvos.training.stages import StagePreset, get_stage
+
+CHECKPOINT_PREFIX = "ckpt_"
+FINAL_NAME = "final.safetensors"
+LOG_NAME = "log.csv"
+UPSTREAM_SEED = 14159265
+
+
+@dataclass
+class TrainOptions:
+    """Everything a training run depends on. ``None`` fields take the stage preset's value."""
+
+    model: str
+    data: list[str]
+    out: str
+    stage: str = "main"
+    corr: frozenset[str] = frozenset({"pcl", "ocl"})
+    cross_view: bool = True
+    negatives: str = "both"
+    ocl_objects: str = "both"  # both | annotated | proposals (paper Table 6)
+    iters: int | None = None
+    batch: int | None = None
+    lr: float | None = None
+    crop: int | None = None
+    alpha_warmup: int | None = None
+    accum: int = 1
+    amp: str | None = None  # bf16 | fp16 | none; None = bf16 on CUDA, none on CPU
+    device: str | None = None
+    seed: int = UPSTREAM_SEED
+    workers: int = 4
+    resume: bool = False
+    load: str | None = None
+    imagenet: bool = False
+    proposals: str | None = None
+    repeats: list[int] | None = None
+    sequences: list[str] | None = None
+    split: str = "train"
+    save_every: int = 5000
+    keep_last: int = 3
+    log_every: int = 50
+    eval_every: int = 0
+    eval_data: str | None = None
+    eval_sequences: list[str] | None = None
+    eval_size: int | None = 480
+    progress: bool = True
+    deep_update_p: float = XMEM_DEEP_UPDATE_P
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["corr"] = sorted(self.corr)
+        return json.dumps(d, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+def freeze_bn(module: nn.Module) -> None:
+    """Keep every BatchNorm in eval mode (running statistics frozen) while affine params still train."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def _dist_info() -> tuple[int, int, int]:
+    """(rank, local rank, world size) from torchrun's environment; (0, 0, 1) without it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 0, 1
+    return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch and CUDA RNG states as tensors/ints only (so ``weights_only`` loading works)."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [py_version, torch.tensor(py_state, dtype=torch.int64), py_gauss],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py_version, py_state, py_gauss = state["python"]
+    random.setstate((py_version, tuple(int(v) for v in py_state.tolist()), py_gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoints in ``folder``, oldest first (names carry the zero-padded iteration)."""
+    return sorted(folder.glob(f"{CHECKPOINT_PREFIX}*.pt"))
+
+
+def _resolve_device(name: str | None, local_rank: int) -> torch.device:
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def _amp_dtype(amp: str | None, device: torch.device) -> torch.dtype | None:
+    amp = amp or ("bf16" if device.type == "cuda" else "none")
+    if amp == "none":
+        return None
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 or --amp none on the CPU")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+class CsvLog:
+    """Append-only CSV of the logged iterations; on resume, rows after the checkpoint are dropped."""
+
+    def __init__(self, path: Path, resume_iter: int | None) -> None:
+        self.path = path
+        self.fields: list[str] | None = None
+        if resume_iter is not None and path.exists():
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            kept = [r for r in rows if int(r["iteration"]) <= resume_iter]
+            if rows:
+                self.fields = list(rows[0].keys())
+                tmp = path.with_name(path.name + ".tmp")
+                with open(tmp, "w", newline="") as f:
+                    writer = csv.DictWriter(f, self.fields)
+                    writer.writeheader()
+                    writer.writerows(kept)
+                os.replace(tmp, path)
+        elif path.exists():
+            path.unlink()
+
+    def write(self, row: dict[str, Any]) -> None:
+        new = self.fields is None
+        if new:
+            self.fields = list(row.keys())
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, self.fields, extrasaction="ignore", restval="")
+            if new:
+                writer.writeheader()
+            writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
+
+
+# ----------------------------------------------------------------------------------------- trainer
+
+class Trainer:
+    """One training run. Build it, then call :meth:`train`; it returns the final weights' path."""
+
+    def __init__(self, opts: TrainOptions) -> None:
+        from corrvos import build_model
+
+        self.opts = opts
+        self.rank, self.local_rank, self.world = _dist_info()
+        self.device = _resolve_device(opts.device, self.local_rank)
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend=backend, init_method="env://")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.is_main = self.rank == 0
+        self.out = Path(opts.out)
+        self.ckpt_dir = self.out / "checkpoints"
+        if self.is_main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+        preset = get_stage(opts.model, opts.stage)
+        if opts.iters is not None and opts.iters != preset.iters:
+            preset = preset.with_iters(opts.iters)
+        self.preset: StagePreset = preset
+        self.iters = preset.iters
+        self.batch = opts.batch or preset.batch
+        if self.batch % (self.world * opts.accum):
+            raise ValueError(f"the batch {self.batch} must be divisible by GPUs x --accum = {self.world * opts.accum}")
+        self.micro_batch = self.batch // (self.world * opts.accum)
+        self.crop = opts.crop or preset.crop
+        self.amp_dtype = _amp_dtype(opts.amp, self.device)
+
+        # Same initial weights on every rank (DDP also broadcasts rank 0's at construction).
+        torch.manual_seed(opts.seed)
+        net = build_model(opts.model, imagenet=opts.imagenet)
+        if opts.load:
+            self._load_weights(net, opts.load)
+        self.net = net.to(self.device)
+        self.arch = net.config.arch
+        self.forward_module: nn.Module = ClipForward(self.net, opts.deep_update_p)
+        if self.world > 1:
+            self.forward_module = nn.parallel.DistributedDataParallel(
+                self.forward_module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,  # BN is frozen: buffers never change
+            )
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        opt_cls = torch.optim.AdamW if preset.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = opt_cls(params, lr=opts.lr or preset.lr, weight_decay=preset.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(preset.lr_drops), preset.gamma)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
+
+        self.loss_config = LossConfig(
+            corr=frozenset(opts.corr),
+            cross_view=opts.cross_view,
+            negatives=Negatives(opts.negatives),
+            ocl_proposals=opts.ocl_objects in ("both", "proposals"),
+            ocl_annotated=opts.ocl_objects in ("both", "annotated"),
+            alpha_warmup=opts.alpha_warmup if opts.alpha_warmup is not None else preset.alpha_warmup,
+            bootstrap_scale=preset.bootstrap_scale,
+            dice=self.arch == "xmem",
+        )
+        self.iteration = 0
+        self.dataset = self._build_dataset()
+
+        # Every rank seeds differently from here on (loss sampling, XMem memory choice), reproducibly.
+        random.seed(opts.seed + self.rank)
+        np.random.seed((opts.seed + self.rank) % 2**32)
+        torch.manual_seed(opts.seed + self.rank)
+        if opts.resume:
+            self._resume()
+
+    # ------------------------------------------------------------------ setup
+    def _load_weights(self, net: nn.Module, path: str) -> None:
+        from corrvos.models.checkpoint import load_weights, read_checkpoint
+
+        state_dict, config, _ = read_checkpoint(path)
+        if config.arch != net.config.arch:
+            raise CheckpointError(f"{path} holds a {config.arch} network but --model {self.opts.model} is "
+                                  f"{net.config.arch}; pass a matching --model.")
+        load_weights(net, state_dict, Path(path).name)
+
+    def _clip_config(self):
+        from corrvos.training.datasets import ClipConfig
+
+        preset = self.preset
+        arch = "xmem" if preset.frames == 8 else "stcn"
+        interp = {"interpolation": "bilinear"} if self.arch == "xmem" else {}
+        return ClipConfig.preset(arch, num_frames=preset.frames, max_objects=preset.max_objects,
+                                 crop_size=self.crop, second_view=self.loss_config.pcl and self.opts.cross_view,
+                                 **interp)
+
+    def _build_dataset(self):
+        from corrvos.training.datasets import ConcatClips, StaticClips, VideoClips
+        from corrvos.training.layouts import find_sequences
+
+        cfg = self._clip_config()
+        proposals = self.opts.proposals
+        if self.loss_config.ocl and self.loss_config.ocl_proposals and proposals is None and self.is_main:
+            print("note: no --proposals file: the object-level loss uses annotated objects only")
+        parts = []
+        for root in self.opts.data:
+            if self.opts.stage == "static":
+                try:
+                    find_sequences(root, self.opts.split, self.opts.sequences)
+                    parts.append(StaticClips.from_video_layout(root, self.opts.split, self.opts.sequences, config=cfg,
+                                                               proposals=proposals, seed=self.opts.seed))
+                except DatasetError:
+                    parts.append(StaticClips.from_folder(root, config=cfg, proposals=proposals, seed=self.opts.seed))
+            else:
+                parts.append(VideoClips(root, cfg, self.opts.split, self.opts.sequences, proposals, seed=self.opts.seed))
+        if len(parts) == 1 and not self.opts.repeats:
+            return parts[0]
+        return ConcatClips(parts, self.opts.repeats, seed=self.opts.seed)
+
+    def _loader(self) -> DataLoader:
+        from corrvos.training.datasets import ClipSampler, worker_init_fn
+
+        preset, accum = self.preset, self.opts.accum
+
+        def max_skip(step: int) -> int:
+            from corrvos.training.schedule import max_skip_at
+
+            if not preset.skip_values:
+                return preset.skip_initial
+            return max_skip_at(step // accum, self.iters, preset.skip_initial, preset.skip_values, preset.skip_fractions)
+
+        sampler = ClipSampler(len(self.dataset), self.micro_batch, seed=self.opts.seed,
+                              start_step=self.iteration * accum, total_steps=self.iters * accum,
+                              rank=self.rank, world_size=self.world, max_skip_fn=max_skip)
+        return DataLoader(
+            self.dataset, batch_size=self.micro_batch, sampler=sampler, num_workers=self.opts.workers,
+            worker_init_fn=worker_init_fn, pin_memory=self.device.type == "cuda",
+            persistent_workers=False, drop_last=True,
+            # Own generator: creating the loader must not consume the global RNG (exact resume).
+            generator=torch.Generator().manual_seed(self.opts.seed),
+            prefetch_factor=4 if self.opts.workers > 0 else None,
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "iteration": self.iteration,
+            "world_size": self.world,
+            "options": self.opts.to_json(),
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        """Rank 0 writes model/optimiser/scheduler; every rank writes its RNG states next to it."""
+        name = f"{CHECKPOINT_PREFIX}{self.iteration:08d}"
+        rng_path = self.ckpt_dir / f"{name}.rng{self.rank}"
+        if self.world > 1:
+            dist.barrier()  # the folder exists
+        atomic_torch_save(rng_state(), rng_path)
+        if self.world > 1:
+            dist.barrier()  # every rank's RNG file is in place before the checkpoint names it complete
+        path = None
+        if self.is_main:
+            path = self.ckpt_dir / f"{name}.pt"
+            atomic_torch_save(self.state_dict(), path)
+            for old in list_checkpoints(self.ckpt_dir)[: -self.opts.keep_last]:
+                for f in self.ckpt_dir.glob(old.stem + ".*"):
+                    f.unlink(missing_ok=True)
+        if self.world > 1:
+            dist.barrier()
+        return path
+
+    def _resume(self) -> None:
+        ckpts = list_checkpoints(self.ckpt_dir)
+        if not ckpts:
+            if self.is_main:
+                print(f"note: --resume found no checkpoint in {self.ckpt_dir}; starting from iteration 0")
+            return
+        path = ckpts[-1]
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 -- any unpickling failure means the same thing to the user
+            raise CheckpointError(f"the training checkpoint {path} is unreadable ({err}); delete it to resume "
+                                  "from the previous one.") from None
+        if state["world_size"] != self.world:
+            raise CheckpointError(f"{path} was written by {state['world_size']} processes but this run has "
+                                  f"{self.world}; resume with the same number of GPUs.")
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.iteration = int(state["iteration"])
+        rng_path = path.with_suffix(f".rng{self.rank}")
+        if rng_path.exists():
+            set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=True))
+        if self.is_main:
+            print(f"resumed from {path} at iteration {self.iteration}")
+
+    # ------------------------------------------------------------------ training
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        nb = self.device.type == "cuda"
+        return {k: v.to(self.device, non_blocking=nb) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _micro_step(self, batch: dict[str, Any], sync: bool) -> dict[str, float]:
+        batch = self._to_device(batch)
+        ddp = isinstance(self.forward_module, nn.parallel.DistributedDataParallel)
+        no_sync = self.forward_module.no_sync() if ddp and not sync else contextlib.nullcontext()
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+        with no_sync:
+            with autocast:
+                view = batch.get("view2_rgb") if self.loss_config.pcl and self.opts.cross_view else None
+                out = self.forward_module(batch["rgb"], batch["masks"][:, 0], batch["selector"], view)
+            loss, stats = compute_losses(out, batch, self.loss_config, self.iteration)
+            self.scaler.scale(loss / self.opts.accum).backward()
+        return stats
+
+    def train_step(self, batches: list[dict[str, Any]]) -> dict[str, float]:
+        """One optimiser step over ``accum`` micro-batches; returns the averaged loss terms."""
+        self.forward_module.train()
+        freeze_bn(self.forward_module)
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        for i, batch in enumerate(batches):
+            stats = self._micro_step(batch, sync=i == len(batches) - 1)
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v / len(batches)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.iteration += 1
+        return totals
+
+    def train(self) -> Path:
+        from tqdm import tqdm
+
+        opts = self.opts
+        log = CsvLog(self.out / LOG_NAME, self.iteration if opts.resume else None) if self.is_main else None
+        tb = self._tensorboard() if self.is_main else None
+        loader_iter = iter(self._loader())
+        bar = tqdm(total=self.iters, initial=self.iteration, disable=not (opts.progress and self.is_main),
+                   desc=f"{opts.model} {opts.stage}", unit="it", dynamic_ncols=True)
+        start, start_iter = time.perf_counter(), self.iteration
+        try:
+            while self.iteration < self.iters:
+                batches = [next(loader_iter) for _ in range(opts.accum)]
+                stats = self.train_step(batches)
+                it = self.iteration
+                if not all(math.isfinite(v) for v in stats.values()):
+                    raise FloatingPointError(f"a loss became non-finite at iteration {it}: {stats}; lower the "
+                                             "learning rate or use --amp bf16 / none.")
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items() if k in ("loss", "ce", "dice", "pcl", "ocl")},
+                                refresh=False)
+                if log is not None and (it % opts.log_every == 0 or it == self.iters or it == start_iter + 1):
+                    rate = (it - start_iter) / max(1e-9, time.perf_counter() - start)
+                    row = {"iteration": it, "lr": self.scheduler.get_last_lr()[0], "it_per_s": rate, **stats}
+                    log.write(row)
+                    if tb is not None:
+                        for k, v in row.items():
+                            if k != "iteration":
+                                tb.add_scalar(f"train/{k}", v, it)
+                if opts.save_every and it % opts.save_every == 0 and it < self.iters:
+                    self.save_checkpoint()
+                if opts.eval_every and opts.eval_data and it % opts.eval_every == 0:
+                    self._evaluate(log, tb)
+        finally:
+            bar.close()
+            if tb is not None:
+                tb.close()
+        self.save_checkpoint()
+        return self.save_final()
+
+    def save_final(self) -> Path:
+        from corrvos import save_model
+
+        path = self.out / FINAL_NAME
+        if self.is_main:
+            meta = {"stage": self.opts.stage, "iterations": self.iteration, "corr": ",".join(sorted(self.opts.corr)),
+                    "train_options": self.opts.to_json()}
+            save_model(self.net, path, extra_metadata=meta)
+        if self.world > 1:
+            dist.barrier()
+        return path
+
+    # ------------------------------------------------------------------ optional extras
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # noqa: BLE001 -- tensorboard is optional; the CSV log is always written
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+    def _evaluate(self, log: CsvLog | None, tb) -> float | None:
+        """J&F of the current weights on a few val sequences (rank 0); failures only print a warning."""
+        if not self.is_main:
+            return None
+        import tempfile
+
+        try:
+            from corrvos.eval.davis_eval import evaluate_results, open_davis
+            from corrvos.eval.predict import predict_split
+        except ImportError as err:
+            print(f"warning: evaluation skipped ({err})")
+            return None
+        self.net.eval()
+        try:
+            split = open_davis(self.opts.eval_data, "val", sequences=self.opts.eval_sequences)
+            with tempfile.TemporaryDirectory() as tmp:
+                predict_split(split, self.net, tmp, device=self.device, size=self.opts.eval_size, progress=False)
+                score = evaluate_results(split, tmp, progress=False).global_scores()["J&F-Mean"]
+        except Exception as err:  # noqa: BLE001 -- a broken eval must not kill a long training run
+            print(f"warning: evaluation at iteration {self.iteration} failed: {err}")
+            return None
+        finally:
+            self.net.train()
+            freeze_bn(self.net)
+        if log is not None:
+            with open(self.out / "eval.csv", "a") as f:
+                f.write(f"{self.iteration},{score!r}\n")
+        if tb is not None:
+            tb.add_scalar("val/J&F", score, self.iteration)
+        print(f"iteration {self.iteration}: val J&F {score:.4f}")
+        return score
+
+
+def _cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,133 @@
+"""`python -m corrvos.infer` end to end (subprocess), and its one-line errors for each bad input."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import corrvos
+from corrvos.io import VideoFrames, read_mask, read_shared_sequence, write_mask, write_video
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args, timeout=120):
+    proc = subprocess.run(
+        [sys.executable, "-m", "corrvos.infer", *map(str, args)],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    )
+    return proc
+
+
+def _assert_one_line_error(proc, pattern):
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in proc.stderr
+    assert pattern in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    import torch
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "stcn-s-random.safetensors"
+    corrvos.save_model(corrvos.build_model("stcn-s"), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def synthetic_clip(tmp_path_factory):
+    """A 5-frame 64x96 video with two objects marked in a palette first-frame mask."""
+    d = tmp_path_factory.mktemp("clip")
+    frames = []
+    for t in range(5):
+        f = np.full((64, 96, 3), (60, 90, 60), np.uint8)
+        f[10:30, 10 + 4 * t:30 + 4 * t] = (230, 40, 40)
+        f[40:60, 60:80] = (40, 40, 230)
+        frames.append(f)
+    write_video(d / "clip.mp4", frames, fps=8)
+    mask = np.zeros((64, 96), np.uint8)
+    mask[10:30, 10:30] = 1
+    mask[40:60, 60:80] = 2
+    write_mask(d / "mask.png", mask)
+    return d / "clip.mp4", d / "mask.png"
+
+
+def test_help_documents_every_option():
+    proc = _cli("--help", timeout=30)
+    assert proc.returncode == 0
+    for opt in ("--checkpoint", "--video", "--frames", "--mask", "--out", "--device", "--size", "--mem-every", "--top-k"):
+        assert opt in proc.stdout
+
+
+def test_cli_on_davis2016_val_sequence(tmp_path, davis2016_root, tiny_checkpoint):
+    seq = read_shared_sequence(davis2016_root, "blackswan", max_frames=6)
+    frames_dir = tmp_path / "frames"
+    frames_dir.mkdir()
+    for name, frame in zip(seq.names, seq.frames):
+        Image.fromarray(frame).save(frames_dir / f"{name}.jpg", quality=95)
+    mask_path = davis2016_root / "Annotations" / "480p" / "blackswan" / "00000.png"  # original 0/255 file
+    out = tmp_path / "out"
+    proc = _cli("--checkpoint", tiny_checkpoint, "--frames", frames_dir, "--mask", mask_path, "--out", out,
+                "--device", "cpu", "--size", "480", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    pngs = sorted(out.glob("*.png"))
+    assert [p.stem for p in pngs] == seq.names  # one mask per input frame, same names
+    for p in pngs:
+        with Image.open(p) as img:
+            assert img.mode == "P" and img.size == (854, 480)
+        assert set(np.unique(read_mask(p))) <= {0, 1}
+    assert np.array_equal(read_mask(pngs[0]), seq.masks[0])  # the given first-frame mask comes back unchanged
+    video = VideoFrames(out / "overlay.mp4")
+    assert len(video) == 6 and video.size == (480, 854)
+    assert sorted(p.name for p in out.iterdir() if p.suffix not in (".png",)) == ["overlay.mp4"]  # no temp files
+
+
+def test_cli_on_video_two_objects_keeps_label_ids(tmp_path, synthetic_clip, tiny_checkpoint):
+    video, mask = synthetic_clip
+    out = tmp_path / "out"
+    proc = _cli("--checkpoint", tiny_checkpoint, "--video", video, "--mask", mask, "--out", out,
+                "--device", "cpu", "--size", "-1", "--mem-every", "2", "--top-k", "10")
+    assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in sorted(out.glob("*.png"))] == [f"{t:05d}.png" for t in range(5)]
+    assert set(np.unique(read_mask(out / "00000.png"))) == {0, 1, 2}
+    assert len(VideoFrames(out / "overlay.mp4")) == 5
+
+
+def test_cli_unreadable_video(tmp_path, synthetic_clip, tiny_checkpoint):
+    _, mask = synthetic_clip
+    bad = tmp_path / "broken.mp4"
+    bad.write_text("definitely not a video\n" * 50)
+    proc = _cli("--checkpoint", tiny_checkpoint, "--video", bad, "--mask", mask, "--out", tmp_path / "o")
+    _assert_one_line_error(proc, "as a video")
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_mask_of_wrong_size(tmp_path, synthetic_clip, tiny_checkpoint):
+    video, _ = synthetic_clip
+    big = np.zeros((128, 192), np.uint8)
+    big[5:50, 5:50] = 1
+    write_mask(tmp_path / "big.png", big)
+    proc = _cli("--checkpoint", tiny_checkpoint, "--video", video, "--mask", tmp_path / "big.png", "--out", tmp_path / "o")
+    _assert_one_line_error(proc, "the mask is 128x192 (height x width) but the frames are 64x96")
+
+
+def test_cli_empty_mask(tmp_path, synthetic_clip, tiny_checkpoint):
+    video, _ = synthetic_clip
+    Image.fromarray(np.zeros((64, 96), np.uint8)).save(tmp_path / "empty.png")
+    proc = _cli("--checkpoint", tiny_checkpoint, "--video", video, "--mask", tmp_path / "empty.png", "--out", tmp_path / "o")
+    _assert_one_line_error(proc, "has no object pixels")
+
+
+def test_cli_missing_and_corrupt_checkpoint(tmp_path, synthetic_clip):
+    video, mask = synthetic_clip
+    proc = _cli("--checkpoint", tmp_path / "nope.safetensors", "--video", video, "--mask", mask, "--out", tmp_path / "o")
+    _assert_one_line_error(proc, "does not exist")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"\x00garbage" * 100)
+    proc = _cli("--checkpoint", junk, "--video", video, "--mask", mask, "--out", tmp_path / "o")
+    _assert_one_line_error(proc, "junk.pth")
