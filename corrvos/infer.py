@@ -8,6 +8,8 @@ video) and ``overlay.mp4``, an H.264 video of the masks drawn on the frames.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import sys
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -50,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory positions kept per query pixel in the softmax (default: the model's: 20 STCN, 30 XMem)")
     p.add_argument("--fps", type=float, default=None,
                    help="frame rate of overlay.mp4 (default: the video's, or 24 for frame folders and zips)")
+    p.add_argument("--no-video", action="store_true",
+                   help="write only the masks, not overlay.mp4 (which needs the imageio-ffmpeg package)")
     return p
 
 
@@ -98,6 +102,11 @@ def _validate_args(args: argparse.Namespace) -> None:
         raise InputError(f"--fps must be positive, not {args.fps}.")
     if not args.checkpoint.is_file():
         raise CheckpointError(f"the checkpoint {args.checkpoint} does not exist; give the path of a .safetensors or .pth file.")
+    if not args.no_video and importlib.util.find_spec("imageio_ffmpeg") is None:
+        raise CorrvosError(
+            "writing overlay.mp4 needs the imageio-ffmpeg package, which is not installed; "
+            "run `pip install imageio-ffmpeg` or pass --no-video."
+        )
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"the output path {args.out} exists and is not a folder; choose a folder for --out.")
 
@@ -124,7 +133,8 @@ def run(args: argparse.Namespace) -> Path:
         raise InputError("--device cuda was asked for but no CUDA GPU is available here; use --device cpu.")
     model = corrvos.load_model(args.checkpoint, device=device)
     tracker = corrvos.Tracker(
-        model, device=device, top_k=args.top_k, mem_every=args.mem_every, size=None if args.size == -1 else args.size
+        model, device=device, top_k=args.top_k, mem_every=args.mem_every, size=None if args.size == -1 else args.size,
+        match_cache_frames=0,  # the CLI never asks for matches: keep no per-frame caches for them
     )
 
     try:
@@ -133,11 +143,13 @@ def run(args: argparse.Namespace) -> Path:
         raise InputError(f"could not create the output folder {args.out} ({err.strerror}); choose a writable folder.") from err
     frames = _RecentFrames(clip.frames)
     written = 0
-    with VideoWriter(args.out / OVERLAY_NAME, fps=clip.fps) as writer:
+    video_out = contextlib.nullcontext() if args.no_video else VideoWriter(args.out / OVERLAY_NAME, fps=clip.fps)
+    with video_out as writer:
         for t, labels in tqdm(tracker.propagate(frames, first_mask), total=len(frames), desc="segmenting", unit="frame"):
             labels = back[np.asarray(labels, dtype=np.uint8)]
             write_mask(args.out / f"{clip.names[t]}.png", labels)
-            writer.write(overlay(frames[t], labels))
+            if writer is not None:
+                writer.write(overlay(frames[t], labels))
             written += 1
     if written != len(frames):
         raise InputError(f"only {written} of {len(frames)} frames were segmented; the input may be truncated, re-encode it.")
@@ -154,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; the overlay video was not written.", file=sys.stderr)
         return 130
-    print(f"wrote {out}/*.png and {out / OVERLAY_NAME}")
+    print(f"wrote the masks to {out}" + ("" if args.no_video else f" and the overlay to {out / OVERLAY_NAME}"))
     return 0
 
 

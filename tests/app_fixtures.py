@@ -1,11 +1,18 @@
 """Shared builders for the app tests: a tiny real DAVIS-2016 clip, its mask and random-weight checkpoints."""
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+REPO = Path(__file__).resolve().parents[1]
 SEQ = "blackswan"
 SIZE = (160, 96)  # (width, height): 854x480 scaled down; the tracker then runs at the input size
 
@@ -50,3 +57,38 @@ def mask_layers(mask: np.ndarray, num_layers: int = 5) -> list[np.ndarray]:
     from app.inputs import label_layer
 
     return [label_layer(mask, k) for k in range(1, num_layers + 1)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(checkpoints: Path, log: Path, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
+    """``python -m app`` on a free port (CPU, input-size processing); waits until it answers."""
+    port = free_port()
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
+    cmd = [sys.executable, "-m", "app", "--port", str(port), "--checkpoints", str(checkpoints), "--device", "cpu",
+           "--size", "0", *extra]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the app exited early:\n{log.read_text()}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"the app did not answer within 120 s:\n{log.read_text()}")
+
+
+def stop_app(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()

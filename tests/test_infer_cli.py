@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 import corrvos
+from corrvos.infer import main
 from corrvos.io import VideoFrames, read_mask, read_shared_sequence, write_mask, write_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,11 +22,11 @@ def _cli(*args, timeout=120):
     return proc
 
 
-def _assert_one_line_error(proc, pattern):
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: ") and "Traceback" not in proc.stderr
+def _assert_one_line_error(returncode, stderr, pattern):
+    assert returncode == 2, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in stderr
     assert pattern in lines[0], lines[0]
 
 
@@ -60,7 +61,7 @@ def synthetic_clip(tmp_path_factory):
 def test_help_documents_every_option():
     proc = _cli("--help", timeout=30)
     assert proc.returncode == 0
-    for opt in ("--checkpoint", "--video", "--frames", "--mask", "--out", "--device", "--size", "--mem-every", "--top-k"):
+    for opt in ("--checkpoint", "--video", "--frames", "--mask", "--out", "--device", "--size", "--mem-every", "--top-k", "--fps", "--no-video"):
         assert opt in proc.stdout
 
 
@@ -87,15 +88,29 @@ def test_cli_on_davis2016_val_sequence(tmp_path, davis2016_root, tiny_checkpoint
     assert sorted(p.name for p in out.iterdir() if p.suffix not in (".png",)) == ["overlay.mp4"]  # no temp files
 
 
-def test_cli_on_video_two_objects_keeps_label_ids(tmp_path, synthetic_clip, tiny_checkpoint):
+def test_cli_on_video_two_objects_keeps_label_ids(tmp_path, synthetic_clip, tiny_checkpoint, capfd):
+    # In-process (main(argv)) to spare a second torch import; the DAVIS test above covers the subprocess.
     video, mask = synthetic_clip
     out = tmp_path / "out"
-    proc = _cli("--checkpoint", tiny_checkpoint, "--video", video, "--mask", mask, "--out", out,
-                "--device", "cpu", "--size", "-1", "--mem-every", "2", "--top-k", "10")
-    assert proc.returncode == 0, proc.stderr
+    code = main(["--checkpoint", str(tiny_checkpoint), "--video", str(video), "--mask", str(mask), "--out", str(out),
+                 "--device", "cpu", "--size", "-1", "--mem-every", "2", "--top-k", "10"])
+    assert code == 0, capfd.readouterr().err
     assert [p.name for p in sorted(out.glob("*.png"))] == [f"{t:05d}.png" for t in range(5)]
-    assert set(np.unique(read_mask(out / "00000.png"))) == {0, 1, 2}
+    assert np.array_equal(read_mask(out / "00000.png"), read_mask(mask))
     assert len(VideoFrames(out / "overlay.mp4")) == 5
+
+
+def test_cli_renumbers_sparse_ids_and_maps_them_back(tmp_path, synthetic_clip, tiny_checkpoint, capfd):
+    video, mask = synthetic_clip
+    sparse = read_mask(mask) * 3  # ids {3, 6}: the tracker sees 1..2, the output must say 3 and 6 again
+    write_mask(tmp_path / "sparse.png", sparse)
+    code = main(["--checkpoint", str(tiny_checkpoint), "--video", str(video), "--mask", str(tmp_path / "sparse.png"),
+                 "--out", str(tmp_path / "out"), "--device", "cpu", "--size", "-1", "--no-video"])
+    assert code == 0, capfd.readouterr().err
+    assert not (tmp_path / "out" / "overlay.mp4").exists()
+    assert np.array_equal(read_mask(tmp_path / "out" / "00000.png"), sparse)
+    for t in range(1, 5):
+        assert set(np.unique(read_mask(tmp_path / "out" / f"{t:05d}.png"))) <= {0, 3, 6}
 
 
 def test_cli_unreadable_video(tmp_path, synthetic_clip, tiny_checkpoint):
@@ -103,7 +118,7 @@ def test_cli_unreadable_video(tmp_path, synthetic_clip, tiny_checkpoint):
     bad = tmp_path / "broken.mp4"
     bad.write_text("definitely not a video\n" * 50)
     proc = _cli("--checkpoint", tiny_checkpoint, "--video", bad, "--mask", mask, "--out", tmp_path / "o")
-    _assert_one_line_error(proc, "as a video")
+    _assert_one_line_error(proc.returncode, proc.stderr, "as a video")
     assert not (tmp_path / "o").exists()
 
 
@@ -113,21 +128,25 @@ def test_cli_mask_of_wrong_size(tmp_path, synthetic_clip, tiny_checkpoint):
     big[5:50, 5:50] = 1
     write_mask(tmp_path / "big.png", big)
     proc = _cli("--checkpoint", tiny_checkpoint, "--video", video, "--mask", tmp_path / "big.png", "--out", tmp_path / "o")
-    _assert_one_line_error(proc, "the mask is 128x192 (height x width) but the frames are 64x96")
+    _assert_one_line_error(proc.returncode, proc.stderr, "the mask is 128x192 (height x width) but the frames are 64x96")
 
 
 def test_cli_empty_mask(tmp_path, synthetic_clip, tiny_checkpoint):
     video, _ = synthetic_clip
     Image.fromarray(np.zeros((64, 96), np.uint8)).save(tmp_path / "empty.png")
     proc = _cli("--checkpoint", tiny_checkpoint, "--video", video, "--mask", tmp_path / "empty.png", "--out", tmp_path / "o")
-    _assert_one_line_error(proc, "has no object pixels")
+    _assert_one_line_error(proc.returncode, proc.stderr, "has no object pixels")
 
 
-def test_cli_missing_and_corrupt_checkpoint(tmp_path, synthetic_clip):
+def test_cli_missing_checkpoint(tmp_path, synthetic_clip):
     video, mask = synthetic_clip
     proc = _cli("--checkpoint", tmp_path / "nope.safetensors", "--video", video, "--mask", mask, "--out", tmp_path / "o")
-    _assert_one_line_error(proc, "does not exist")
+    _assert_one_line_error(proc.returncode, proc.stderr, "does not exist")
+
+
+def test_cli_corrupt_checkpoint(tmp_path, synthetic_clip, capfd):
+    video, mask = synthetic_clip
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"\x00garbage" * 100)
-    proc = _cli("--checkpoint", junk, "--video", video, "--mask", mask, "--out", tmp_path / "o")
-    _assert_one_line_error(proc, "junk.pth")
+    code = main(["--checkpoint", str(junk), "--video", str(video), "--mask", str(mask), "--out", str(tmp_path / "o")])
+    _assert_one_line_error(code, capfd.readouterr().err, "junk.pth")

@@ -1,6 +1,5 @@
 """corrvos.io: frames from videos/folders/zips, masks, palette PNGs, the H.264 writer and DAVIS layout."""
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,7 +30,8 @@ from corrvos.io import (
 )
 from corrvos.io import video as video_mod
 
-BACKENDS = ["decord", "cv2"]
+HAVE_DECORD = video_mod._have_decord()
+BACKENDS = [pytest.param("decord", marks=pytest.mark.skipif(not HAVE_DECORD, reason="decord is not installed")), "cv2"]
 
 
 def _frames(n=5, h=48, w=64, seed=0):
@@ -265,7 +265,7 @@ def test_bad_videos_raise_one_sentence(tmp_path, backend, capfd):
 
 
 def test_zero_frame_video(tmp_path, monkeypatch):
-    import decord
+    decord = pytest.importorskip("decord")
 
     class NoFrames:
         def __init__(self, *a, **k):

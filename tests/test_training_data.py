@@ -208,7 +208,7 @@ def test_static_clips_aligned_with_tps(tmp_path):
         s = data[SampleKey(i, 0)]
         check_sample(s, 3, 1, 96, cfg)
         for t in range(3):
-            assert _alignment_error(s["rgb"][t], s["masks"][t, 0]) < 0.01
+            assert _alignment_error(s["rgb"][t], s["masks"][t, 0]) < 0.002
 
 
 def test_tps_warp_keeps_alignment():
@@ -220,17 +220,17 @@ def test_tps_warp_keeps_alignment():
     lab[20:60, 30:70] = 1
     moved = 0
     for _ in range(5):
-        tps = A.random_tps(rng, size, sigma=0.04)
+        tps = A.random_tps(rng, size)  # upstream sigma 0.02: displacements of a few pixels
         wi, wl = tps.image(img, "bilinear", fill=(0, 0, 0)), tps.labels(lab)
         bright = wi.mean(2) > 127
         edge = np.abs(np.diff(wl.astype(int), axis=0, prepend=0)).astype(bool) | np.abs(np.diff(wl.astype(int), axis=1, prepend=0)).astype(bool)
         edge = edge | np.roll(edge, 1, 0) | np.roll(edge, -1, 0) | np.roll(edge, 1, 1) | np.roll(edge, -1, 1)
         assert ((bright != wl.astype(bool)) & ~edge).mean() < 0.002
         moved += int((wl != lab).sum())
-        # Boxes follow the warp approximately (displacement ~4% of the size).
+        # Boxes follow the warp (to about a pixel).
         box = tps.boxes(np.array([[30.0, 20.0, 70.0, 60.0]]))[0]
         ys, xs = np.nonzero(wl)
-        assert np.abs(box - [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).max() < 3
+        assert np.abs(box - [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).max() < 2
     assert moved > 0  # the warp is not the identity
 
 

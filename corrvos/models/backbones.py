@@ -19,6 +19,7 @@ import torchvision
 from torch import Tensor, nn
 
 from corrvos.errors import CheckpointError
+from corrvos.models.blocks import orthogonal_
 
 # torchvision's file for each backbone, plus the older file name STCN's code downloaded (same weights).
 _IMAGENET_FILES: dict[str, tuple[str, ...]] = {
@@ -143,7 +144,7 @@ class ValueResNet(nn.Module):
         # The mask channels have no ImageNet counterpart; upstream initialises them orthogonally.
         if self.in_channels > 3:
             extra = torch.empty(self.conv1.out_channels, (self.in_channels - 3) * 49)
-            nn.init.orthogonal_(extra)
+            orthogonal_(extra)
             with torch.no_grad():
                 self.conv1.weight[:, 3:] = extra.view(self.conv1.out_channels, self.in_channels - 3, 7, 7)
 

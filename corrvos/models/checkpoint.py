@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from corrvos.errors import CheckpointError
+from corrvos.models.blocks import orthogonal_
 from corrvos.models.config import PRESETS, ModelConfig, get_config
 from corrvos.models.stcn import STCN, MatchingNetwork
 from corrvos.models.xmem import XMem
@@ -102,7 +103,9 @@ def load_model(path: PathLike, device: str | torch.device | None = None) -> Matc
     channels-last layout, which makes the convolutions about 1.7x faster there.
     """
     state_dict, config, _ = read_checkpoint(path)
-    model = model_from_config(config)
+    # Built on the meta device: random initialisation would be thrown away, and costs seconds.
+    with torch.device("meta"):
+        model = model_from_config(config)
     load_weights(model, state_dict, Path(path).name)
     device = torch.device(device) if device is not None else torch.device("cpu")
     model = model.to(device)
@@ -162,8 +165,17 @@ def load_weights(model: nn.Module, state_dict: dict[str, Tensor], source: str = 
                 parts.append(f"{label} {', '.join(keys[:_SHOWN_KEYS])}{more}")
         arch = getattr(getattr(model, "config", None), "arch", type(model).__name__)
         raise CheckpointError(f"{source} does not match the {arch} architecture: {'; '.join(parts)}.")
-    full = {k: state_dict.get(k, own[k]) for k in own}
-    model.load_state_dict(full, strict=True)
+    full: dict[str, Tensor] = {}
+    for key, target in own.items():
+        value = state_dict.get(key)
+        if value is None:  # a BN counter
+            value = torch.zeros((), dtype=target.dtype) if target.is_meta else target
+        # Half-precision files load into the module's (float32) precision.
+        full[key] = value.to(target.dtype) if value.is_floating_point() else value
+    on_meta = any(t.is_meta for t in own.values())
+    # A meta-device model receives the tensors themselves; a real one copies them into its own
+    # parameters (so that an optimizer holding them keeps working).
+    model.load_state_dict(full, strict=True, assign=on_meta)
 
 
 def infer_config(state_dict: dict[str, Tensor], source: str = "checkpoint") -> ModelConfig:
@@ -339,7 +351,7 @@ def _pad_value_conv1(state_dict: dict[str, Tensor], pad: str) -> dict[str, Tenso
     extra = torch.zeros(weight.shape[0], 1, *weight.shape[2:], dtype=weight.dtype)
     if pad == "orthogonal":
         flat = torch.empty(weight.shape[0], weight.shape[2] * weight.shape[3])
-        nn.init.orthogonal_(flat)
+        orthogonal_(flat)
         extra = flat.view_as(extra).to(weight.dtype)
     elif pad != "zeros":
         raise ValueError(f"pad must be 'zeros' or 'orthogonal', got {pad!r}")

@@ -60,7 +60,7 @@ def read_rgb(path: PathLike) -> np.ndarray:
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if bgr is None:
         raise DatasetError(f"Cannot read the training image {path}; check that the file exists and is a valid image.")
-    return np.ascontiguousarray(bgr[:, :, ::-1])
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def read_labels(path: PathLike) -> np.ndarray:

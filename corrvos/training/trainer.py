@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from corrvos.errors import CheckpointError, DatasetError
+from corrvos.models.config import ModelConfig
 from corrvos.training.contrastive import Negatives
 from corrvos.training.forward import XMEM_DEEP_UPDATE_P, ClipForward
 from corrvos.training.losses import LossConfig, compute_losses
@@ -46,7 +47,7 @@ UPSTREAM_SEED = 14159265
 class TrainOptions:
     """Everything a training run depends on. ``None`` fields take the stage preset's value."""
 
-    model: str
+    model: str | ModelConfig  # preset name, or a config whose .name is a preset (e.g. a narrower test net)
     data: list[str]
     out: str
     stage: str = "main"
@@ -84,6 +85,8 @@ class TrainOptions:
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
         d["corr"] = sorted(self.corr)
+        if isinstance(self.model, ModelConfig):
+            d["model"] = self.model.to_dict()
         return json.dumps(d, sort_keys=True)
 
 
@@ -215,7 +218,8 @@ class Trainer:
         if self.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
 
-        preset = get_stage(opts.model, opts.stage)
+        self.model_name = opts.model.name if isinstance(opts.model, ModelConfig) else opts.model
+        preset = get_stage(self.model_name, opts.stage)
         if opts.iters is not None and opts.iters != preset.iters:
             preset = preset.with_iters(opts.iters)
         self.preset: StagePreset = preset
@@ -273,7 +277,7 @@ class Trainer:
 
         state_dict, config, _ = read_checkpoint(path)
         if config.arch != net.config.arch:
-            raise CheckpointError(f"{path} holds a {config.arch} network but --model {self.opts.model} is "
+            raise CheckpointError(f"{path} holds a {config.arch} network but --model {self.model_name} is "
                                   f"{net.config.arch}; pass a matching --model.")
         load_weights(net, state_dict, Path(path).name)
 
@@ -426,7 +430,12 @@ class Trainer:
         self.iteration += 1
         return totals
 
-    def train(self) -> Path:
+    def train(self, stop_at: int | None = None) -> Path | None:
+        """Train to the last iteration and return the final weights' path.
+
+        ``stop_at`` ends the run after that iteration with a checkpoint and returns None, as an
+        interruption would (used to test resuming, or to split a run into time-boxed jobs).
+        """
         from tqdm import tqdm
 
         opts = self.opts
@@ -434,7 +443,7 @@ class Trainer:
         tb = self._tensorboard() if self.is_main else None
         loader_iter = iter(self._loader())
         bar = tqdm(total=self.iters, initial=self.iteration, disable=not (opts.progress and self.is_main),
-                   desc=f"{opts.model} {opts.stage}", unit="it", dynamic_ncols=True)
+                   desc=f"{self.model_name} {opts.stage}", unit="it", dynamic_ncols=True)
         start, start_iter = time.perf_counter(), self.iteration
         try:
             while self.iteration < self.iters:
@@ -459,6 +468,10 @@ class Trainer:
                     self.save_checkpoint()
                 if opts.eval_every and opts.eval_data and it % opts.eval_every == 0:
                     self._evaluate(log, tb)
+                if stop_at is not None and it >= stop_at and it < self.iters:
+                    if not (opts.save_every and it % opts.save_every == 0):
+                        self.save_checkpoint()
+                    return None
         finally:
             bar.close()
             if tb is not None:

@@ -1,0 +1,108 @@
+"""End to end in headless Chromium: upload a video, draw a mask, propagate, click a pixel, screenshot.
+
+Drives Debian's /usr/bin/chromium through Playwright (no browser download); skipped with a reason
+when either is missing. The screenshot path is printed (run pytest with -s to see it).
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from app_fixtures import make_checkpoints, make_clip, start_app, stop_app
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+N_FRAMES = 6
+CLIP_SIZE = (256, 144)
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip("chromium is not installed (bash scripts/setup.sh --test installs Debian's chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"],
+        )
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def server(davis2016_root, tmp_path_factory):
+    root = tmp_path_factory.mktemp("app_browser")
+    video, _, _ = make_clip(davis2016_root, root / "clip", N_FRAMES, CLIP_SIZE)
+    make_checkpoints(root / "checkpoints")
+    proc, url = start_app(root / "checkpoints", root / "server.log")
+    yield {"url": url, "video": video, "log": root / "server.log"}
+    stop_app(proc)
+
+
+def _wait_text(page, selector: str, text: str, timeout_s: float) -> None:
+    page.wait_for_function(
+        "([sel, text]) => { const el = document.querySelector(sel); return el && el.innerText.includes(text); }",
+        arg=[selector, text], timeout=timeout_s * 1000,
+    )
+
+
+def test_upload_draw_propagate_click_screenshot(browser, server):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(server["url"])
+        page.wait_for_selector("#upload input[type=file]", state="attached", timeout=60_000)
+        t_upload = time.perf_counter()
+        page.set_input_files("#upload input[type=file]", str(server["video"]))
+        _wait_text(page, "#input-info", f"{N_FRAMES} frames", 60)
+
+        # Draw obj1 (the editor's first layer, active by default) with a few strokes over the swan.
+        canvas = page.locator("#editor canvas").first
+        canvas.wait_for(state="visible", timeout=30_000)
+        page.wait_for_timeout(1000)
+        box = canvas.bounding_box()
+        cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        for dy in (0, 12, 24):
+            page.mouse.move(cx - 40, cy + dy)
+            page.mouse.down()
+            page.mouse.move(cx + 10, cy + dy, steps=8)
+            page.mouse.up()
+        page.wait_for_timeout(500)
+
+        page.click("#propagate")
+        _wait_text(page, "#status", "Done", 240)
+        status = page.inner_text("#status")
+        t_done = time.perf_counter()
+        assert "1 object(s)" in status, status
+
+        # Frame 3, then click the middle of A's view.
+        number = page.locator("#frame input[type=number]")
+        number.fill("3")
+        number.press("Enter")
+        page.wait_for_timeout(1500)
+        img = page.locator("#view-a img").first
+        img.wait_for(state="visible", timeout=30_000)
+        ib = img.bounding_box()
+        t_click = time.perf_counter()
+        page.mouse.click(ib["x"] + ib["width"] * 0.45, ib["y"] + ib["height"] * 0.6)
+        _wait_text(page, "#readout", "Entropy", 60)
+        t_heat = time.perf_counter()
+        readout = page.inner_text("#readout")
+        assert "A: stcn-s_baseline" in readout and "B: stcn-s_corr" in readout
+        assert page.locator("#gallery-a img").count() >= 1
+        page.locator("#strip img").first.wait_for(state="visible", timeout=30_000)
+
+        out = Path(tempfile.mkdtemp(prefix="corrvos-app-shot-")) / "app_browser.png"
+        page.screenshot(path=str(out), full_page=True)
+        print(f"\nscreenshot: {out}")
+        print(f"upload -> masks for {N_FRAMES} frames ({CLIP_SIZE[0]}x{CLIP_SIZE[1]}, A+B): {t_done - t_upload:.1f} s; "
+              f"click -> heatmaps shown: {t_heat - t_click:.2f} s")
+        assert out.stat().st_size > 10_000
+    finally:
+        page.close()

@@ -1,0 +1,167 @@
+"""Trainer on two DAVIS-2016 train sequences with a tiny network and 64 px crops (CPU).
+
+Covers: a 20-iteration run with both correspondence losses, exact resume (6 straight vs 3 + resume
++ 3), the forward passes of both architectures, frozen BN, the CLI's --help and argument wiring.
+"""
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from corrvos.models.config import get_config
+
+REPO = Path(__file__).resolve().parents[1]
+SEQUENCES = ["bear", "boat"]
+# A narrower stcn-s: the same classes and preset name (so the stage preset applies), a quarter of the widths.
+TINY_STCN = get_config("stcn-s").replace(value_dim=32, value_widths=(16, 32, 64), decoder_dims=(32, 16, 16))
+TINY_XMEM = get_config("xmem-s").replace(value_dim=32, value_widths=(16, 32, 64), decoder_dims=(32, 16, 16),
+                                         hidden_dim=8, hidden_mid_dim=16)
+
+
+@pytest.fixture(scope="module")
+def proposals(davis2016_root, tmp_path_factory) -> Path:
+    """A synthetic proposal cache (random boxes in the paper's size range) for the two sequences."""
+    from corrvos.training.layouts import compact_keys
+    from corrvos.training.proposals import save_proposals
+
+    rng = np.random.default_rng(0)
+    boxes = {}
+    for key in compact_keys(davis2016_root, "train", SEQUENCES):
+        side = rng.uniform(0.3, 0.8, size=(20, 2))
+        x0 = rng.uniform(0, 1 - side)
+        boxes[key] = np.concatenate([x0, x0 + side], axis=1)
+    path = tmp_path_factory.mktemp("props") / "proposals.npz"
+    save_proposals(path, boxes, {"synthetic": True})
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # On the shared 2-core machine, 2 OpenMP threads per process contend badly under load (measured 5 s vs
+    # 0.36 s per tiny step); one thread is both faster and steadier here.
+    torch.set_num_threads(1)
+    yield
+
+
+def _options(root, out, proposals, **kw):
+    from corrvos.training.trainer import TrainOptions
+
+    base = dict(model=TINY_STCN, data=[str(root)], sequences=SEQUENCES, out=str(out), crop=64, batch=2, iters=20,
+                workers=0, proposals=str(proposals), progress=False, log_every=1, save_every=0, seed=3)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def _log(out: Path) -> list[dict]:
+    with open(out / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_twenty_iterations_both_losses(davis2016_root, proposals, tmp_path):
+    from corrvos import load_model
+    from corrvos.training.trainer import Trainer
+
+    trainer = Trainer(_options(davis2016_root, tmp_path, proposals, alpha_warmup=5))
+    before = {k: v.clone() for k, v in trainer.net.state_dict().items()}
+    final = trainer.train()
+    rows = _log(tmp_path)
+    assert [int(r["iteration"]) for r in rows] == list(range(1, 21))
+    for r in rows:
+        for k in ("loss", "ce", "pcl", "ocl"):
+            assert np.isfinite(float(r[k])), (k, r)
+    assert float(rows[0]["alpha"]) == 0.0 and float(rows[-1]["alpha"]) == pytest.approx(0.2)
+    assert max(float(r["ocl_n"]) for r in rows) > 0  # OCL really had queries with negatives
+    loaded = load_model(final)
+    changed = [k for k, v in loaded.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert any(k.startswith("key_proj") for k in changed) and any(k.startswith("decoder") for k in changed)
+    # Frozen BN: running statistics never move.
+    bn = [k for k in before if k.endswith("running_mean")]
+    assert bn and all(torch.equal(loaded.state_dict()[k], before[k]) for k in bn)
+
+
+def test_resume_continues_exactly(davis2016_root, proposals, tmp_path):
+    from corrvos.training.trainer import Trainer, list_checkpoints
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    Trainer(_options(davis2016_root, straight, proposals, iters=6, save_every=3)).train()
+    assert Trainer(_options(davis2016_root, split, proposals, iters=6, save_every=3)).train(stop_at=3) is None
+    assert [p.name for p in list_checkpoints(split / "checkpoints")] == ["ckpt_00000003.pt"]
+    resumed = Trainer(_options(davis2016_root, split, proposals, iters=6, save_every=3, resume=True))
+    assert resumed.iteration == 3
+    resumed.train()
+    a, b = _log(straight), _log(split)
+    assert len(a) == len(b) == 6
+    for ra, rb in zip(a, b):
+        for k in ra:
+            if k != "it_per_s":
+                assert ra[k] == rb[k], (ra["iteration"], k, ra[k], rb[k])
+    wa = torch.load(list_checkpoints(straight / "checkpoints")[-1], weights_only=True)["model"]
+    wb = torch.load(list_checkpoints(split / "checkpoints")[-1], weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_xmem_forward_and_losses_tiny():
+    from corrvos import build_model
+    from corrvos.training.forward import ClipForward
+    from corrvos.training.losses import LossConfig, compute_losses
+
+    torch.manual_seed(0)
+    net = build_model(TINY_XMEM)
+    b, t, k, s = 2, 8, 3, 32
+    masks = (torch.rand(b, t, k, s, s) > 0.7).float()
+    selector = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    masks = masks * selector[:, None, :, None, None]
+    cls_gt = torch.where(masks.sum(2) > 0, masks.argmax(2) + 1, 0)
+    out = ClipForward(net)(torch.randn(b, t, 3, s, s), masks[:, 0], selector, view=torch.randn(b, 3, s, s))
+    assert len(out["logits"]) == 7 and out["keys"].shape == (b, t, 64, 2, 2)
+    assert out["shrinkage"].shape == (b, t, 1, 2, 2) and out["view_key"].shape == (b, 64, 2, 2)
+    batch = {"cls_gt": cls_gt, "selector": selector, "view2_theta": torch.eye(3)[:2].expand(b, 2, 3),
+             "boxes": torch.tensor([[0.0, 0, 16, 16], [16, 16, 32, 32], [0, 16, 16, 32]]).expand(b, t, 3, 4),
+             "num_boxes": torch.full((b, t), 3), "object_boxes": torch.full((b, t, 2, 4), -1.0),
+             "object_box_ids": torch.full((b, 2), -1)}
+    loss, stats = compute_losses(out, batch, LossConfig(dice=True, alpha_warmup=0), iteration=0)
+    loss.backward()
+    assert np.isfinite(loss.item()) and {"ce", "dice", "pcl", "ocl"} <= set(stats)
+    assert next(net.key_proj.parameters()).grad is not None
+
+
+def test_cli_help_and_script_path():
+    out = subprocess.run([sys.executable, str(REPO / "corrvos" / "train.py"), "--help"], capture_output=True,
+                         text=True, cwd="/", timeout=60)
+    assert out.returncode == 0
+    for flag in ("--model", "--data", "--stage", "--corr", "--iters", "--batch", "--out", "--resume", "--load",
+                 "--imagenet", "--proposals", "--amp", "--accum", "--device", "--seed", "--no-cross-view",
+                 "--negatives", "--ocl-objects"):
+        assert flag in out.stdout
+
+
+def test_cli_options_wiring():
+    from corrvos.train import build_parser, options_from_args
+
+    args = build_parser().parse_args(["--model", "xmem-s", "--data", "a", "b", "--repeats", "5", "1", "--out", "o",
+                                      "--corr", "pcl", "--no-cross-view", "--negatives", "intra", "--accum", "2"])
+    opts = options_from_args(args)
+    assert opts.corr == {"pcl"} and not opts.cross_view and opts.negatives == "intra" and opts.accum == 2
+    assert opts.data == ["a", "b"] and opts.repeats == [5, 1]
+    with pytest.raises(ValueError):
+        options_from_args(build_parser().parse_args(["--model", "stcn", "--data", "a", "--out", "o", "--corr", "x"]))
+
+
+def test_stage_presets():
+    from corrvos.training.stages import get_stage
+
+    stcn = get_stage("stcn", "main")
+    assert (stcn.iters, stcn.lr, stcn.lr_drops, stcn.optimizer, stcn.frames) == (150_000, 1e-5, (125_000,), "adam", 3)
+    xmem = get_stage("xmem", "main")
+    assert (xmem.optimizer, xmem.weight_decay, xmem.frames, xmem.max_objects) == ("adamw", 0.05, 8, 3)
+    short = stcn.with_iters(15_000)
+    assert short.lr_drops == (12_500,) and short.bootstrap_scale == pytest.approx(0.1)
+    for model in ("stcn-s", "xmem-s"):
+        for stage in ("static", "main"):
+            get_stage(model, stage)
+    with pytest.raises(ValueError):
+        get_stage("stcn", "bl30k")
