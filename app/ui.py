@@ -79,8 +79,8 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
                 view_diff = gr.Image(label="Where A and B differ", interactive=False, elem_id="view-diff", format="jpeg")
                 gr.HTML(legend)
         with gr.Row():
-            video_a = gr.Video(label="Overlay video A", interactive=False)
-            video_b = gr.Video(label="Overlay video B", interactive=False)
+            video_a = gr.Video(label="Overlay video A", interactive=False, height=300)
+            video_b = gr.Video(label="Overlay video B", interactive=False, height=300)
         chart = gr.Plot(label="Per frame")
 
         gr.Markdown("## Affinity: click a pixel of A, B or the difference view")
@@ -88,10 +88,11 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
             qx = gr.Number(label="x", precision=0, elem_id="qx")
             qy = gr.Number(label="y", precision=0, elem_id="qy")
             inspect = gr.Button("Inspect (x, y)", elem_id="inspect")
+        gallery = dict(columns=4, height=300, format="jpeg", preview=False, allow_preview=True, object_fit="contain",
+                       fit_columns=False)
         gallery_a = gr.Gallery(label="A: memory frames (heatmap of the clicked pixel's read weights, top matches numbered)",
-                               columns=4, height="auto", format="jpeg", allow_preview=True, elem_id="gallery-a")
-        gallery_b = gr.Gallery(label="B: memory frames", columns=4, height="auto", format="jpeg", allow_preview=True,
-                               elem_id="gallery-b")
+                               elem_id="gallery-a", **gallery)
+        gallery_b = gr.Gallery(label="B: memory frames", elem_id="gallery-b", **gallery)
         strip = gr.Image(label="Clicked pixel → top matches (A above, B below)", interactive=False, format="jpeg", elem_id="strip")
         readout = gr.Markdown(elem_id="readout")
 

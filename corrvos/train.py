@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--corr", default="pcl,ocl", help="which correspondence losses: none | pcl | ocl | pcl,ocl")
     g.add_argument("--no-cross-view", dest="cross_view", action="store_false",
                    help="PCL without the cross-view anchor (no second view, no extra key-encoder pass)")
+    g.add_argument("--view-scale", type=float, default=0.5,
+                   help="the cross-view frame is key-encoded at this fraction of the crop size (cost: its square "
+                        "of one frame's key-encoder pass)")
     g.add_argument("--negatives", default="both", choices=("both", "intra", "inter"),
                    help="negatives of PCL and OCL: same video, other videos of the batch, or both (paper Table 5)")
     g.add_argument("--ocl-objects", default="both", choices=("both", "annotated", "proposals"),
@@ -97,7 +100,7 @@ def options_from_args(args: argparse.Namespace):
 
     return TrainOptions(
         model=args.model, data=args.data, out=args.out, stage=args.stage, corr=parse_corr(args.corr),
-        cross_view=args.cross_view, negatives=args.negatives, ocl_objects=args.ocl_objects, iters=args.iters,
+        cross_view=args.cross_view, view_scale=args.view_scale, negatives=args.negatives, ocl_objects=args.ocl_objects, iters=args.iters,
         batch=args.batch, lr=args.lr, crop=args.crop, alpha_warmup=args.alpha_warmup, accum=args.accum,
         amp=args.amp, device=args.device, seed=args.seed, workers=args.workers, resume=args.resume, load=args.load,
         imagenet=args.imagenet, proposals=args.proposals, repeats=args.repeats, sequences=args.sequences,

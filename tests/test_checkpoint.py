@@ -2,6 +2,7 @@
 safetensors round trips, ImageNet init from the hub cache, and a clear CheckpointError for bad files."""
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -105,7 +106,9 @@ def test_upstream_variants_load_identically(tmp_path, name):
     prefixed = tmp_path / "ddp.pth"
     torch.save({f"module.{k}": v for k, v in sd.items()}, prefixed)
     wrapped = tmp_path / f"{name}_checkpoint.pth"
-    torch.save({"it": 1000, "network": sd, "optimizer": {"state": {}, "param_groups": []}}, wrapped)
+    # As upstream trainers write *_checkpoint.pth (a MultiStepLR state holds a Counter).
+    trainer_state = {"optimizer": {"state": {}, "param_groups": []}, "scheduler": {"milestones": Counter({10: 1})}}
+    torch.save({"it": 1000, "network": sd, **trainer_state}, wrapped)
     no_counters = tmp_path / "no_counters.pth"
     torch.save({k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}, no_counters)
 
@@ -198,6 +201,7 @@ def test_truncated_files_are_reported_as_truncated(tmp_path):
             with pytest.raises(CheckpointError, match="is truncated") as err:
                 load_model(cut_path)
             assert cut_path.name in str(err.value)
+            cut_path.unlink()
 
 
 def test_random_bytes_and_empty_files_are_rejected(tmp_path):

@@ -104,7 +104,7 @@ def test_matches_weights_are_the_weights_the_read_used(arch):
             x, y = int(rng.integers(0, frame.shape[1])), int(rng.integers(0, frame.shape[0]))
             for channel, obj in enumerate(tracker.object_ids):
                 m = tracker.matches(t, x, y, k=5, object_id=obj)
-                row, col = tracker._geometry.to_feature(x, y)
+                row, col = tracker.geometry.to_feature(x, y)
                 torch.testing.assert_close(values[channel] @ m.weights, readout[channel, :, row, col])
                 assert int((m.weights > 0).sum()) <= 6  # top-k
                 torch.testing.assert_close(m.heatmaps.sum(), torch.tensor(1.0))
@@ -115,6 +115,11 @@ def test_matches_weights_are_the_weights_the_read_used(arch):
                 assert weights == sorted(weights, reverse=True) and len(m.top) == 5
                 assert all(0 <= px < frame.shape[1] and 0 <= py < frame.shape[0] for _, px, py, _ in m.top)
                 checked += 1
+        # The whole frame at once: every query position's weights reproduce the full readout.
+        read = tracker.frame_read(t)
+        for channel, obj in enumerate(tracker.object_ids):
+            weights, _, _ = read.weights(obj)
+            torch.testing.assert_close((values[channel] @ weights).view(-1, fh, fw), readout[channel])
     assert checked > 100
     if arch == "xmem":
         assert tracker.memory_stats().long_term_elements > 0  # long-term prototypes took part
@@ -145,7 +150,7 @@ def test_resize_returns_input_size():
     # Upscaling (short side 120 -> 240) gives the stride-16 fake network a finer grid: better masks.
     tracker = Tracker(FakeVOSNet("xmem"), size=240)
     preds = track(tracker, frames, {0: labels[0]})
-    assert tracker._geometry.proc_size == (304, 240)
+    assert tracker.geometry.proc_size == (304, 240)
     assert preds[-1].shape == labels[-1].shape
     assert np.mean([iou(p, g, o) for p, g in zip(preds[1:], labels[1:]) for o in (1, 2)]) > 0.8
     m = tracker.matches(6, 60, 20)
@@ -153,7 +158,7 @@ def test_resize_returns_input_size():
     # Downscaling: torchvision's rounding (long side truncated), centred padding, output at input size.
     small = Tracker(FakeVOSNet("stcn"), size=96)
     preds = track(small, frames[:3], {0: labels[0]})
-    assert small._geometry.proc_size == (121, 96) and small._geometry.pad == (0, 0, 3, 4)
+    assert small.geometry.proc_size == (121, 96) and small.geometry.pad == (0, 0, 3, 4)
     assert preds[-1].shape == labels[-1].shape
 
 
@@ -184,7 +189,7 @@ def test_random_weight_small_models_run_and_matches_agree(name):
     spy.readouts.clear()
     track(tracker, frames[: t + 1], {0: labels[0]})
     m = tracker.matches(t, 30, 30, object_id=2)
-    row, col = tracker._geometry.to_feature(30, 30)
+    row, col = tracker.geometry.to_feature(30, 30)
     torch.testing.assert_close(tracker.memory.values()[1] @ m.weights, spy.readouts[-1][0, 1, :, row, col])
 
 
@@ -196,18 +201,23 @@ def test_bad_input_raises_one_sentence_errors():
     tracker.reset()
     with pytest.raises(InputError, match="first frame needs a mask"):
         tracker.step(frames[0])
-    tracker.reset()
     with pytest.raises(InputError, match="give a mask of the frame's size") as err:
         tracker.step(frames[0], labels[0][:-1])
     assert str(err.value).count(". ") == 0 and str(err.value).endswith(".")
-    tracker.reset()
+    # Rejected frames leave no trace: the same tracker starts the video normally.
     tracker.step(frames[0], labels[0])
+    assert tracker.memory_stats().frames_processed == 1
     with pytest.raises(InputError, match="same size"):
         tracker.step(frames[1][:-16])
     with pytest.raises(InputError, match="not been processed"):
         tracker.matches(9, 0, 0)
     with pytest.raises(InputError, match="no memory read"):
         tracker.matches(0, 0, 0)
+    tracker.step(frames[1])
+    with pytest.raises(InputError, match="outside"):
+        tracker.matches(1, 120, 0)
+    with pytest.raises(InputError, match="ids between 1 and 255"):
+        tracker.step(frames[2], labels[2], objects=[0])
     with pytest.raises(InputError, match="RGB"):
         Tracker(FakeVOSNet("stcn")).step(np.zeros((8, 8), np.uint8), np.ones((8, 8), np.uint8))
     with pytest.raises(InputError, match="no frames"):

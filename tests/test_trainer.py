@@ -81,6 +81,9 @@ def test_twenty_iterations_both_losses(davis2016_root, proposals, tmp_path):
     # Frozen BN: running statistics never move.
     bn = [k for k in before if k.endswith("running_mean")]
     assert bn and all(torch.equal(loaded.state_dict()[k], before[k]) for k in bn)
+    # --load starts a new run from these weights.
+    again = Trainer(_options(davis2016_root, tmp_path / "next", proposals, load=str(final)))
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in again.net.state_dict().items())
 
 
 def test_resume_continues_exactly(davis2016_root, proposals, tmp_path):
@@ -111,16 +114,17 @@ def test_xmem_forward_and_losses_tiny():
 
     torch.manual_seed(0)
     net = build_model(TINY_XMEM)
-    b, t, k, s = 2, 8, 3, 32
+    b, t, k, s = 2, 8, 3, 64
     masks = (torch.rand(b, t, k, s, s) > 0.7).float()
     selector = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     masks = masks * selector[:, None, :, None, None]
     cls_gt = torch.where(masks.sum(2) > 0, masks.argmax(2) + 1, 0)
     out = ClipForward(net)(torch.randn(b, t, 3, s, s), masks[:, 0], selector, view=torch.randn(b, 3, s, s))
-    assert len(out["logits"]) == 7 and out["keys"].shape == (b, t, 64, 2, 2)
-    assert out["shrinkage"].shape == (b, t, 1, 2, 2) and out["view_key"].shape == (b, 64, 2, 2)
+    assert len(out["logits"]) == 7 and out["keys"].shape == (b, t, 64, 4, 4)
+    # The second view is key-encoded at half size (VIEW_SCALE), so its key map is 2x2.
+    assert out["shrinkage"].shape == (b, t, 1, 4, 4) and out["view_key"].shape == (b, 64, 2, 2)
     batch = {"cls_gt": cls_gt, "selector": selector, "view2_theta": torch.eye(3)[:2].expand(b, 2, 3),
-             "boxes": torch.tensor([[0.0, 0, 16, 16], [16, 16, 32, 32], [0, 16, 16, 32]]).expand(b, t, 3, 4),
+             "boxes": torch.tensor([[0.0, 0, 32, 32], [32, 32, 64, 64], [0, 32, 32, 64]]).expand(b, t, 3, 4),
              "num_boxes": torch.full((b, t), 3), "object_boxes": torch.full((b, t, 2, 4), -1.0),
              "object_box_ids": torch.full((b, 2), -1)}
     loss, stats = compute_losses(out, batch, LossConfig(dice=True, alpha_warmup=0), iteration=0)

@@ -136,26 +136,25 @@ def snapshot_weights(
     query_selection: Tensor | None,
     object_index: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The weights the read of ``snapshot`` gave each element for one query position.
+    """The weights the read of ``snapshot`` gave each element, recomputed for some query positions.
 
     Args:
-        query_key: ``(Ck,)`` key of the query position.
-        query_selection: ``(Ck,)`` XMem selection of the query position, or None.
+        query_key: ``(Ck, M)`` keys of the query positions.
+        query_selection: ``(Ck, M)`` XMem selection of the query positions, or None.
         object_index: channel of the object whose read is wanted (objects of one birth group share it).
 
     Returns:
-        ``(N,)`` weights in snapshot order (zero outside the top-k and for elements before the
-        object's birth), and the elements' origin frames and positions.
+        ``(N, M)`` weights in snapshot order (zero outside the top-k and for elements before the
+        object's birth), and the elements' ``(N,)`` origin frames and positions (CPU).
     """
     key, shrinkage, frames, positions = snapshot.keys()
-    selection = None if query_selection is None else query_selection.reshape(1, -1, 1)
-    sim = similarity(key, query_key.reshape(1, -1, 1), shrinkage, selection)
+    selection = None if query_selection is None else query_selection.unsqueeze(0)
+    sim = similarity(key, query_key.unsqueeze(0), shrinkage, selection)
     index = valid_index(frames, snapshot.births[object_index], sim.device)
-    affinity = group_affinity(sim, index, snapshot.top_k)[0, :, 0]
+    affinity = group_affinity(sim, index, snapshot.top_k)[0]
     if index is None:
-        weights = affinity
-    else:
-        weights = affinity.new_zeros(frames.numel()).index_copy_(0, index, affinity)
+        return affinity, frames, positions
+    weights = affinity.new_zeros(frames.numel(), affinity.shape[1]).index_copy_(0, index, affinity)
     return weights, frames, positions
 
 

@@ -70,8 +70,8 @@ class MemoryStats:
 
 
 @dataclass(frozen=True)
-class _Geometry:
-    """How input pixels map to the padded, possibly resized, network input."""
+class FrameGeometry:
+    """How input pixels map to the padded, possibly resized, network input and its stride-16 grid."""
 
     input_size: tuple[int, int]  # (H, W) of the frames given to step
     proc_size: tuple[int, int]  # after the optional resize
@@ -100,11 +100,23 @@ class _Geometry:
 
 
 @dataclass(frozen=True)
-class _FrameRecord:
+class FrameRead:
+    """What the memory read of one frame used: its query side and the memory as it was."""
+
     query_key: Tensor  # (Ck, h*w)
-    query_selection: Tensor | None  # (Ck, h*w)
+    query_selection: Tensor | None  # (Ck, h*w), XMem
     snapshot: MemorySnapshot
-    object_ids: tuple[int, ...]
+    object_ids: tuple[int, ...]  # objects tracked at that frame, in channel order
+
+    def weights(self, object_id: int | None = None, positions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Read weights ``(N, M)`` of the query ``positions`` (flat feature indices; default all) for
+        one object's read (default the first object), with the elements' origin frames and positions."""
+        channel = 0 if object_id is None else self.object_ids.index(object_id)
+        key, sel = self.query_key, self.query_selection
+        if positions is not None:
+            key = key[:, positions]
+            sel = None if sel is None else sel[:, positions]
+        return snapshot_weights(self.snapshot, key, sel, channel)
 
 
 class Tracker:
@@ -175,8 +187,8 @@ class Tracker:
         self.t = -1
         self.last_mem_t = 0
         self.object_ids: list[int] = []
-        self._geometry: _Geometry | None = None
-        self._records: OrderedDict[int, _FrameRecord] = OrderedDict()
+        self._geometry: FrameGeometry | None = None
+        self._records: OrderedDict[int, FrameRead] = OrderedDict()
         if self.arch == "stcn":
             self.memory: STCNMemory | XMemMemory = STCNMemory(self.top_k, self.max_memory_frames)
         else:
@@ -185,6 +197,15 @@ class Tracker:
     @property
     def num_objects(self) -> int:
         return len(self.object_ids)
+
+    @property
+    def geometry(self) -> FrameGeometry | None:
+        """Input -> network-input mapping of the current video (None before its first frame)."""
+        return self._geometry
+
+    def frame_read(self, t: int) -> FrameRead | None:
+        """The cached memory read of frame ``t`` (None: no read, or it left the match cache)."""
+        return self._records.get(t)
 
     def memory_stats(self) -> MemoryStats:
         mem = self.memory
@@ -200,12 +221,13 @@ class Tracker:
         )
 
     # input preparation -------------------------------------------------------------------------------
-    def _geometry_for(self, height: int, width: int) -> _Geometry:
+    def _geometry_for(self, t: int, height: int, width: int) -> FrameGeometry:
+        """The video's geometry (computed from its first frame; stored by :meth:`step` once valid)."""
         if self._geometry is not None:
             if self._geometry.input_size != (height, width):
                 h0, w0 = self._geometry.input_size
                 raise InputError(
-                    f"Frame {self.t} is {width}x{height} but the video started at {w0}x{h0}; "
+                    f"Frame {t} is {width}x{height} but the video started at {w0}x{h0}; "
                     "all frames of a video must have the same size."
                 )
             return self._geometry
@@ -218,15 +240,14 @@ class Tracker:
         ph, pw = (-proc[0]) % 16 + proc[0], (-proc[1]) % 16 + proc[1]
         top, left = (ph - proc[0]) // 2, (pw - proc[1]) // 2
         pad = (left, pw - proc[1] - left, top, ph - proc[0] - top)
-        self._geometry = _Geometry((height, width), proc, pad, (ph // 16, pw // 16))
-        return self._geometry
+        return FrameGeometry((height, width), proc, pad, (ph // 16, pw // 16))
 
-    def _prepare_image(self, image: np.ndarray | Tensor) -> tuple[Tensor, _Geometry]:
+    def _prepare_image(self, t: int, image: np.ndarray | Tensor) -> tuple[Tensor, FrameGeometry]:
         try:
             img = to_float_image(image)
         except ValueError as err:
-            raise InputError(f"Frame {self.t} is not an RGB image ({err}); give HxWx3 uint8 frames.") from None
-        geometry = self._geometry_for(img.shape[1], img.shape[2])
+            raise InputError(f"Frame {t} is not an RGB image ({err}); give HxWx3 uint8 frames.") from None
+        geometry = self._geometry_for(t, img.shape[1], img.shape[2])
         img = normalize(img.to(self.device)).unsqueeze(0)
         if geometry.resized:
             # Upstream XMem resizes the normalised tensor (old torchvision: no antialiasing on tensors).
@@ -234,22 +255,22 @@ class Tracker:
         img, _ = pad_divide_by(img, 16)
         return img, geometry
 
-    def _prepare_mask(self, mask: np.ndarray | Tensor, geometry: _Geometry) -> Tensor:
+    def _prepare_mask(self, t: int, mask: np.ndarray | Tensor, geometry: FrameGeometry) -> Tensor:
         """Label map -> ``(H, W)`` int64 tensor on the device, validated against the frame."""
         if isinstance(mask, np.ndarray):
             mask = torch.from_numpy(np.ascontiguousarray(mask))
         if not torch.is_tensor(mask) or mask.dim() != 2:
-            raise InputError(f"The mask for frame {self.t} must be a 2-D label map (HxW integers, 0 = background).")
+            raise InputError(f"The mask for frame {t} must be a 2-D label map (HxW integers, 0 = background).")
         if mask.is_floating_point() and not torch.equal(mask, mask.round()):
-            raise InputError(f"The mask for frame {self.t} has non-integer values; give object ids 1..255.")
+            raise InputError(f"The mask for frame {t} has non-integer values; give object ids 1..255.")
         if tuple(mask.shape) != geometry.input_size:
             (h, w), (mh, mw) = geometry.input_size, mask.shape
             raise InputError(
-                f"The mask for frame {self.t} is {mw}x{mh} but the frame is {w}x{h}; give a mask of the frame's size."
+                f"The mask for frame {t} is {mw}x{mh} but the frame is {w}x{h}; give a mask of the frame's size."
             )
         mask = mask.to(self.device, torch.long)
         if int(mask.min()) < 0 or int(mask.max()) > 255:
-            raise InputError(f"The mask for frame {self.t} has labels outside 0..255; use object ids 1..255.")
+            raise InputError(f"The mask for frame {t} has labels outside 0..255; use object ids 1..255.")
         return mask
 
     # the per-frame step ------------------------------------------------------------------------------
@@ -276,10 +297,9 @@ class Tracker:
             ``(K + 1, H, W)`` probabilities at the input size, background first, then the objects in
             the order of :attr:`object_ids`.
         """
-        self.t += 1
-        t = self.t
-        img, geometry = self._prepare_image(image)
-        labels = None if mask is None else self._prepare_mask(mask, geometry)
+        t = self.t + 1
+        img, geometry = self._prepare_image(t, image)
+        labels = None if mask is None else self._prepare_mask(t, mask, geometry)
         if labels is None and self.num_objects == 0:
             raise InputError("The first frame needs a mask: give a label map with at least one object.")
 
@@ -289,6 +309,11 @@ class Tracker:
             given = sorted(set(present) if objects is None else {int(o) for o in objects})
             if self.num_objects == 0 and not present:
                 raise InputError("The first-frame mask is empty; mark at least one object with a label above 0.")
+            if any(not 1 <= o <= 255 for o in given):
+                raise InputError(f"The objects given for frame {t} must be ids between 1 and 255.")
+        # Valid input: only now does the tracker's state move on.
+        self.t = t
+        self._geometry = geometry
         new_ids = [o for o in given if o not in self.object_ids]
         all_given = set(self.object_ids).issubset(given)
 
@@ -344,7 +369,7 @@ class Tracker:
             out = F.interpolate(out.unsqueeze(0), size=geometry.input_size, mode="bilinear", align_corners=False)[0]
         return out
 
-    def _merge_mask(self, labels: Tensor, given: list[int], pred: Tensor | None, geometry: _Geometry) -> Tensor:
+    def _merge_mask(self, labels: Tensor, given: list[int], pred: Tensor | None, geometry: FrameGeometry) -> Tensor:
         """One-hot of the given ids + the prediction for the others -> aggregated ``(K+1, Hp, Wp)``."""
         # Only the ids this mask speaks for claim pixels; -1 matches no label.
         ids = [o if o in given else -1 for o in self.object_ids]
@@ -360,11 +385,11 @@ class Tracker:
                     onehot[channel] = pred_objects[channel]
         return torch.softmax(aggregate(onehot, dim=0), dim=0)
 
-    def _remember(self, t: int, feats, geometry: _Geometry) -> None:
+    def _remember(self, t: int, feats, geometry: FrameGeometry) -> None:
         if self.match_cache_frames == 0:
             return
         sel = feats.selection
-        self._records[t] = _FrameRecord(
+        self._records[t] = FrameRead(
             feats.key[0].flatten(1),
             None if sel is None else sel[0].flatten(1),
             self.memory.snapshot(),
@@ -444,11 +469,8 @@ class Tracker:
         row, col = geometry.to_feature(x, y)
         fh, fw = geometry.feature_size
         pos = row * fw + col
-        sel = None if record.query_selection is None else record.query_selection[:, pos]
-        weights, frames, positions = snapshot_weights(
-            record.snapshot, record.query_key[:, pos], sel, record.object_ids.index(object_id)
-        )
-        weights = weights.float().cpu()
+        weights, frames, positions = record.weights(object_id, torch.tensor([pos], device=record.query_key.device))
+        weights = weights[:, 0].float().cpu()
 
         memory_frames = sorted(set(frames.tolist()))
         slot = torch.tensor([memory_frames.index(f) for f in frames.tolist()], dtype=torch.long)

@@ -77,8 +77,8 @@ def save_model(
         value = value.detach().to("cpu")
         if dtype is not None and value.is_floating_point():
             value = value.to(dtype)
-        # safetensors needs dense row-major storage that no other entry shares.
-        tensors[key] = value.contiguous().clone()
+        # safetensors stores dense row-major data (channels-last weights are converted here).
+        tensors[key] = value.contiguous()
     metadata = {
         str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (extra_metadata or {}).items()
     }

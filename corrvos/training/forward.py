@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from corrvos.imageops import aggregate
@@ -19,6 +20,10 @@ from corrvos.models.similarity import read_memory, similarity, softmax_affinity
 
 XMEM_REF_FRAMES = 3  # memory = all earlier frames while t <= 3, else frame 0 + 2 random earlier ones
 XMEM_DEEP_UPDATE_P = 0.2
+# PCL's second view is encoded at half the crop size: a quarter of a frame's key-encoder cost. The view
+# is a zoom-in crop (side 0.5-1.0 of the frame) resized back, so at half size it shows the scene at
+# 0.5x-1x the frame's scale -- still the paper's "random multi-scale crop".
+VIEW_SCALE = 0.5
 
 
 def others_of(masks: Tensor) -> Tensor:
@@ -47,27 +52,28 @@ class ClipForward(nn.Module):
         rgb: ``(B, T, 3, H, W)`` normalised frames; first_gt: ``(B, K, H, W)`` frame-0 masks;
         selector: ``(B, K)`` 0/1 existing objects; view: optional ``(B, 3, H, W)`` second view.
     Returns a dict with ``logits`` (list of ``(B, K+1, H, W)`` aggregated logits for frames 1..T-1),
-    ``keys`` ``(B, T, Ck, h, w)``, ``shrinkage``/``selection`` (XMem, else None), ``view_key``.
+    ``keys`` ``(B, T, Ck, h, w)``, ``shrinkage``/``selection`` (XMem, else None), ``view_key``
+    ``(B, Ck, h', w')`` (``h' = h * view_scale`` rounded to the stride).
     """
 
-    def __init__(self, net: nn.Module, deep_update_p: float = XMEM_DEEP_UPDATE_P) -> None:
+    def __init__(self, net: nn.Module, deep_update_p: float = XMEM_DEEP_UPDATE_P, view_scale: float = VIEW_SCALE) -> None:
         super().__init__()
         self.net = net
         self.deep_update_p = deep_update_p
+        self.view_scale = view_scale
+
+    def encode_view(self, view: Tensor) -> Tensor:
+        """Key of PCL's second view, at ``view_scale`` of its size (a multiple of 16), key only."""
+        if self.view_scale != 1.0:
+            size = [max(16, round(s * self.view_scale / 16) * 16) for s in view.shape[-2:]]
+            view = F.interpolate(view, size=size, mode="bilinear", align_corners=False, antialias=True)
+        return self.net.encode_key(view, need_shrinkage=False, need_selection=False).key
 
     def encode_keys(self, rgb: Tensor, view: Tensor | None) -> tuple[Any, Tensor | None, int]:
         b, t = rgb.shape[:2]
-        images = rgb.flatten(0, 1)
-        if view is not None:
-            # One key-encoder call for the clip and the view: the view costs one more batch entry.
-            images = torch.cat([images, view], dim=0)
-        feats = self.net.encode_key(images)
-        view_key = feats.key[b * t:] if view is not None else None
-
-        def split(x: Tensor | None) -> Tensor | None:
-            return None if x is None else x[: b * t].unflatten(0, (b, t))
-
-        return type(feats)(*(split(x) for x in feats)), view_key, t
+        feats = self.net.encode_key(rgb.flatten(0, 1))
+        view_key = self.encode_view(view) if view is not None else None
+        return type(feats)(*(None if x is None else x.unflatten(0, (b, t)) for x in feats)), view_key, t
 
     def forward(self, rgb: Tensor, first_gt: Tensor, selector: Tensor, view: Tensor | None = None) -> dict[str, Any]:
         feats, view_key, num_frames = self.encode_keys(rgb, view)

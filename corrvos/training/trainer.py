@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from corrvos.errors import CheckpointError, DatasetError
 from corrvos.models.config import ModelConfig
 from corrvos.training.contrastive import Negatives
-from corrvos.training.forward import XMEM_DEEP_UPDATE_P, ClipForward
+from corrvos.training.forward import VIEW_SCALE, XMEM_DEEP_UPDATE_P, ClipForward
 from corrvos.training.losses import LossConfig, compute_losses
 from corrvos.training.stages import StagePreset, get_stage
 
@@ -81,6 +81,7 @@ class TrainOptions:
     eval_size: int | None = 480
     progress: bool = True
     deep_update_p: float = XMEM_DEEP_UPDATE_P
+    view_scale: float = VIEW_SCALE
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
@@ -201,7 +202,9 @@ class CsvLog:
 class Trainer:
     """One training run. Build it, then call :meth:`train`; it returns the final weights' path."""
 
-    def __init__(self, opts: TrainOptions) -> None:
+    def __init__(self, opts: TrainOptions, dataset: Any = None) -> None:
+        """``dataset`` replaces the one built from ``opts.data`` (any map-style dataset of samples in the
+        format of ``corrvos.training.datasets`` that accepts ``SampleKey`` items; used by benchmarks)."""
         from corrvos import build_model
 
         self.opts = opts
@@ -238,7 +241,7 @@ class Trainer:
             self._load_weights(net, opts.load)
         self.net = net.to(self.device)
         self.arch = net.config.arch
-        self.forward_module: nn.Module = ClipForward(self.net, opts.deep_update_p)
+        self.forward_module: nn.Module = ClipForward(self.net, opts.deep_update_p, opts.view_scale)
         if self.world > 1:
             self.forward_module = nn.parallel.DistributedDataParallel(
                 self.forward_module,
@@ -262,7 +265,7 @@ class Trainer:
             dice=self.arch == "xmem",
         )
         self.iteration = 0
-        self.dataset = self._build_dataset()
+        self.dataset = dataset if dataset is not None else self._build_dataset()
 
         # Every rank seeds differently from here on (loss sampling, XMem memory choice), reproducibly.
         random.seed(opts.seed + self.rank)
@@ -275,7 +278,9 @@ class Trainer:
     def _load_weights(self, net: nn.Module, path: str) -> None:
         from corrvos.models.checkpoint import load_weights, read_checkpoint
 
-        state_dict, config, _ = read_checkpoint(path)
+        # Orthogonal 5th input channel for an upstream single-object (4-channel) value encoder, as upstream
+        # fine-tuning does; zeros would leave the "other objects" channel dead.
+        state_dict, config, _ = read_checkpoint(path, pad="orthogonal")
         if config.arch != net.config.arch:
             raise CheckpointError(f"{path} holds a {config.arch} network but --model {self.model_name} is "
                                   f"{net.config.arch}; pass a matching --model.")

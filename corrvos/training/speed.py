@@ -1,0 +1,133 @@
+"""Training-step speed with and without the correspondence losses (the paper's "+7-9 % cost" claim).
+
+    python -m corrvos.training.speed --models stcn stcn-s --batch 8 --crop 384 --iters 30
+
+Times ``Trainer.train_step`` (forward, losses, backward, optimiser step) on synthetic batches that
+are already on the device, so the numbers isolate compute: the same batches serve every variant,
+and data loading (identical for all variants apart from the second view) is left out. Variants:
+``seg`` (L_seg only), ``pcl`` (+ L_PCL with the cross-view anchor), ``pcl,ocl`` (the full method)
+``pcl,ocl/no-cv`` (without the cross-view anchor, i.e. no extra key-encoder input) and
+``pcl,ocl/cv-full`` (the second view encoded at full instead of half size).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+# name -> (--corr, cross-view anchor, view scale)
+VARIANTS = {"seg": ("none", False, 0.5), "pcl": ("pcl", True, 0.5), "pcl,ocl": ("pcl,ocl", True, 0.5),
+            "pcl,ocl/no-cv": ("pcl,ocl", False, 0.5), "pcl,ocl/cv-full": ("pcl,ocl", True, 1.0)}
+
+
+def synthetic_sample(rng: np.random.Generator, frames: int, objects: int, crop: int, proposals: int = 64) -> dict:
+    """One sample in the training format (datasets.py) with ellipse objects and random proposal boxes."""
+    yy, xx = np.mgrid[:crop, :crop]
+    masks = np.zeros((frames, objects, crop, crop), np.float32)
+    object_boxes = np.full((frames, 8, 4), -1.0, np.float32)
+    for k in range(objects):
+        cy, cx = rng.uniform(0.3, 0.7, 2) * crop
+        ry, rx = rng.uniform(0.1, 0.25, 2) * crop
+        for t in range(frames):
+            dy, dx = rng.normal(0, 0.02 * crop, 2)
+            m = ((yy - cy - dy) / ry) ** 2 + ((xx - cx - dx) / rx) ** 2 <= 1
+            masks[t, k] = m
+            ys, xs = np.nonzero(m)
+            object_boxes[t, k] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    cls_gt = np.where(masks.sum(1) > 0, masks.argmax(1) + 1, 0)
+    side = rng.uniform(0.3, 0.8, (frames, proposals, 2)) * crop
+    x0 = rng.uniform(0, 1, (frames, proposals, 2)) * (crop - side)
+    theta = np.array([[0.7, 0.0, 0.1], [0.0, 0.7, -0.2]], np.float32)
+    ids = np.full(8, -1)
+    ids[:objects] = np.arange(1, objects + 1)
+    return {
+        "rgb": torch.randn(frames, 3, crop, crop), "masks": torch.from_numpy(masks),
+        "cls_gt": torch.from_numpy(cls_gt), "selector": torch.ones(objects),
+        "boxes": torch.from_numpy(np.concatenate([x0, x0 + side], -1).astype(np.float32)),
+        "num_boxes": torch.full((frames,), proposals), "object_boxes": torch.from_numpy(object_boxes),
+        "object_box_ids": torch.from_numpy(ids), "view2_rgb": torch.randn(3, crop, crop),
+        "view2_theta": torch.from_numpy(theta),
+    }
+
+
+def collate(samples: list[dict]) -> dict:
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+def time_variant(model: str, corr: str, cross_view: bool, view_scale: float, batches: list[dict], args: argparse.Namespace) -> float:
+    """Iterations per second of ``train_step`` over ``batches`` after ``args.warmup`` untimed steps."""
+    from corrvos.training.losses import parse_corr
+    from corrvos.training.trainer import Trainer, TrainOptions
+
+    with tempfile.TemporaryDirectory() as out:
+        opts = TrainOptions(model=model, data=[], out=out, corr=parse_corr(corr), cross_view=cross_view, view_scale=view_scale,
+                            batch=args.batch, crop=args.crop, iters=10**6, amp=args.amp, device=args.device,
+                            alpha_warmup=0, progress=False)
+        trainer = Trainer(opts, dataset=[])
+        trainer.iteration = 10**5  # past bootstrapping warm-up: the top-p selection runs too
+        on_cuda = trainer.device.type == "cuda"
+        batches = [{k: v.to(trainer.device) for k, v in b.items()} for b in batches]
+
+        def sync() -> None:
+            if on_cuda:
+                torch.cuda.synchronize()
+
+        for i in range(args.warmup):
+            trainer.train_step([batches[i % len(batches)]])
+        sync()
+        start = time.perf_counter()
+        for i in range(args.iters):
+            trainer.train_step([batches[i % len(batches)]])
+        sync()
+        return args.iters / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m corrvos.training.speed", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["stcn", "stcn-s"])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--crop", type=int, default=384)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=1, help="time each variant this often, interleaved; report the best")
+    p.add_argument("--amp", default=None, choices=("bf16", "fp16", "none"))
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+
+    from corrvos.training.stages import get_stage
+
+    results = []
+    for model in args.models:
+        preset = get_stage(model, "main")
+        rng = np.random.default_rng(0)
+        batches = [collate([synthetic_sample(rng, preset.frames, preset.max_objects, args.crop)
+                            for _ in range(args.batch)]) for _ in range(4)]
+        best: dict[str, float] = {}
+        for _ in range(args.repeats):
+            for name in args.variants:
+                rate = time_variant(model, *VARIANTS[name], batches, args)
+                best[name] = max(best.get(name, 0.0), rate)
+        base = best.get("seg", math.nan)
+        for name in args.variants:
+            overhead = 100 * (base / best[name] - 1) if name != "seg" else 0.0
+            results.append({"model": model, "variant": name, "it_per_s": best[name], "overhead_pct": overhead,
+                            "batch": args.batch, "crop": args.crop})
+            print(f"{model:8s} {name:14s} {best[name]:7.3f} it/s  overhead {overhead:+6.1f} %", flush=True)
+    if torch.cuda.is_available():
+        print(f"device: {torch.cuda.get_device_name()}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
