@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="checkpoint folder (default: $CORRVOS_CHECKPOINTS or ./checkpoints)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--size", type=int, default=480, help="processing size (shorter side, default 480); 0 = input size")
-    ap.add_argument("--max-frames", type=int, default=None, help="frame cap (default 150 on CPU, 1500 on GPU)")
+    ap.add_argument("--max-frames", type=int, default=None, help="frame cap (default 100 on CPU, 1500 on GPU)")
     ap.add_argument("--max-file-size", default="500mb", help="upload size limit (default 500mb)")
     args = ap.parse_args(argv)
 

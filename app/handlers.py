@@ -171,7 +171,9 @@ class AppHandlers:
     def _editor_value(self, session: Session, t: int, mask: np.ndarray | None = None) -> dict:
         layers = []
         if mask is not None:
-            layers = [inputs.label_layer(mask, k) for k in range(1, int(mask.max()) + 1)]
+            # All layers are sent (empty ones too) so objects can still be added next to the given ones.
+            count = max(MAX_OBJECTS, int(mask.max()))
+            layers = [inputs.label_layer(mask, k) for k in range(1, count + 1)]
         return {"background": session.frames[t], "layers": layers, "composite": None}
 
     @user_errors
@@ -270,20 +272,24 @@ class AppHandlers:
         skip = gr.skip()
         for step in propagate_runs(session, models, self.config):
             progress((step.done, step.total), desc=f"propagating ({step.slot} frame {step.t})")
+            # Yield after every model step, not only with previews: Stop (a cancel) takes effect at the next
+            # yield, so this keeps it within one frame's work.
             if step.slot == SLOTS[-1] and step.done % (2 * self.config.preview_every) == 0:
                 a, b, diff = self._view_updates(session, step.t)
                 status = f"Propagating… frame {step.t} ({step.done // 2}/{step.total // 2})."
                 yield a, b, diff, status, skip, skip, skip, skip
+            else:
+                yield skip, skip, skip, skip, skip, skip, skip, skip
         elapsed = time.perf_counter() - start
-        progress(None)
+        progress(None, desc="writing overlay videos")
         videos = [self._write_overlay_video(session, slot) for slot in SLOTS]
         fig = comparison_figure(frame_series({s: session.runs[s].labels for s in SLOTS}, num_objects, gt),
                                 {s: session.runs[s].title for s in SLOTS}, anno_t=t0)
         a, b, diff = self._view_updates(session, t0)
-        per_model = (n - 1) / elapsed * len(SLOTS) if elapsed > 0 and n > 1 else 0.0
+        per_frame = elapsed / (n - 1) if n > 1 else 0.0
         status = (
             f"Done: {n} frames, {num_objects} object(s), annotated frame {t0}, {elapsed:.1f} s "
-            f"({per_model:.1f} frames/s per model on {self.config.device_label.split(' ')[0]}). "
+            f"({per_frame:.2f} s per frame for A and B together on {self.config.device_label.split(' ')[0]}). "
             "Scrub the frame slider, click a pixel of A or B to inspect its memory read."
         )
         slider = gr.Slider(minimum=0, maximum=max(n - 1, 0), value=t0, step=1, interactive=n > 1)

@@ -23,8 +23,9 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pth")
 # The shipped STCN pair (baseline, correspondence-trained): the default A/B choice when present.
 DEFAULT_PAIR = ("stcn-s_baseline.safetensors", "stcn-s_corr.safetensors")
 MAX_OBJECTS = 5
-# Frames kept per video: the CPU cap keeps one propagation of two small models to a few minutes.
-FRAME_CAP = {"cpu": 150, "cuda": 1500}
+# Frames kept per video: on a 2-core CPU two small models take a few seconds per 480p frame together, so
+# the CPU cap keeps one propagation to a few minutes.
+FRAME_CAP = {"cpu": 100, "cuda": 1500}
 
 
 def default_device() -> str:

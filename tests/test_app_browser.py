@@ -61,6 +61,7 @@ def test_upload_draw_propagate_click_screenshot(browser, server):
         t_upload = time.perf_counter()
         page.set_input_files("#upload input[type=file]", str(server["video"]))
         _wait_text(page, "#input-info", f"{N_FRAMES} frames", 60)
+        t_loaded = time.perf_counter()
 
         # Draw obj1 (the editor's first layer, active by default) with a few strokes over the swan.
         canvas = page.locator("#editor canvas").first
@@ -68,13 +69,19 @@ def test_upload_draw_propagate_click_screenshot(browser, server):
         page.wait_for_timeout(1000)
         box = canvas.bounding_box()
         cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-        for dy in (0, 12, 24):
-            page.mouse.move(cx - 40, cy + dy)
+        # A first dot sets the brush's start point; without it the first stroke began at the canvas corner.
+        page.mouse.move(cx - 60, cy)
+        page.mouse.down()
+        page.mouse.up()
+        page.wait_for_timeout(300)
+        # Few pointer steps: every step re-renders the editor's WebGL canvas, which is slow in software.
+        for dy in (0, 16):
+            page.mouse.move(cx - 60, cy + dy)
             page.mouse.down()
-            page.mouse.move(cx + 10, cy + dy, steps=8)
+            page.mouse.move(cx + 10, cy + dy, steps=3)
             page.mouse.up()
-        page.wait_for_timeout(500)
 
+        t_drawn = time.perf_counter()
         page.click("#propagate")
         _wait_text(page, "#status", "Done", 240)
         status = page.inner_text("#status")
@@ -90,7 +97,7 @@ def test_upload_draw_propagate_click_screenshot(browser, server):
         img.wait_for(state="visible", timeout=30_000)
         ib = img.bounding_box()
         t_click = time.perf_counter()
-        page.mouse.click(ib["x"] + ib["width"] * 0.45, ib["y"] + ib["height"] * 0.6)
+        img.click(position={"x": ib["width"] * 0.45, "y": ib["height"] * 0.6})  # scrolls it into view first
         _wait_text(page, "#readout", "Entropy", 60)
         t_heat = time.perf_counter()
         readout = page.inner_text("#readout")
@@ -100,9 +107,10 @@ def test_upload_draw_propagate_click_screenshot(browser, server):
 
         out = Path(tempfile.mkdtemp(prefix="corrvos-app-shot-")) / "app_browser.png"
         page.screenshot(path=str(out), full_page=True)
-        print(f"\nscreenshot: {out}")
+        print(f"\nscreenshot: {out}\nstatus: {status}")
         print(f"upload -> masks for {N_FRAMES} frames ({CLIP_SIZE[0]}x{CLIP_SIZE[1]}, A+B): {t_done - t_upload:.1f} s; "
-              f"click -> heatmaps shown: {t_heat - t_click:.2f} s")
+              f"click -> heatmaps shown: {t_heat - t_click:.2f} s (upload {t_loaded - t_upload:.1f} s, drawing "
+              f"{t_drawn - t_loaded:.1f} s, propagate click -> Done {t_done - t_drawn:.1f} s)")
         assert out.stat().st_size > 10_000
     finally:
         page.close()

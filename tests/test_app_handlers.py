@@ -76,9 +76,11 @@ def test_checkpoint_listing_and_defaults(assets, tmp_path):
 
 def test_propagate_previews_then_full_results(assets, propagated):
     h, outs = propagated
-    assert len(outs) >= 2  # at least one live preview before the final result
-    preview = outs[0]
-    assert isinstance(preview[4], type(gr.skip()))  # slider untouched during the preview
+    skip = type(gr.skip())
+    previews = [o for o in outs[:-1] if not isinstance(o[0], skip)]
+    assert len(previews) >= 2  # live previews (preview_every=1) before the final result
+    assert all(isinstance(o[4], skip) for o in outs[:-1])  # the slider is only set at the end
+    assert "Propagating" in previews[0][3]
     view_a, view_b, diff, status, slider, video_a, video_b, fig = outs[-1]
     assert "Done" in status and slider.maximum == N_FRAMES - 1
     assert view_a.label == "A: stcn-s_baseline.safetensors" and view_a.value is not None
@@ -194,5 +196,7 @@ def test_example_loads_with_its_mask_on_the_editor(assets):
     editor, slider, info = h.load_example("blackswan")
     assert "DAVIS" in info
     assert editor["background"].shape == (480, 854, 3)
-    assert len(editor["layers"]) == 1 and editor["layers"][0][..., 3].any()
+    # The example's object on the first layer; the other layers stay free for more objects.
+    assert len(editor["layers"]) == 5 and editor["layers"][0][..., 3].any()
+    assert not any(layer[..., 3].any() for layer in editor["layers"][1:])
     assert h.set_anno_frame(1)["layers"] == []

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from corrvos.training.contrastive import Negatives, contrastive_ce
-from corrvos.training.losses import LossConfig, boxes_from_batch, compute_losses, parse_corr
-from corrvos.training.ocl import match_objects, ocl_loss, sample_queries
+from corrvos.training.losses import LossConfig, boxes_from_batch, compute_losses, parse_corr, stats_to_floats
+from corrvos.training.ocl import assign, match_objects, ocl_loss, sample_queries
 from corrvos.training.pcl import jittered_grid, pcl_cross_view, pcl_loss, pcl_temporal, view_points_in_frame
 from corrvos.training.schedule import bootstrap_p, correspondence_alpha, max_skip_at
 from corrvos.training.seg_losses import bootstrapped_ce, dice_loss
@@ -172,6 +172,28 @@ def test_hungarian_recovers_known_permutation():
     assert match_objects(queries, cands).tolist() == perm.tolist()
 
 
+def test_assignment_equals_scipy_hungarian():
+    from scipy.optimize import linear_sum_assignment
+
+    g = gen(7)
+    for trial in range(40):
+        n, q = 2 + trial % 9, 1 + trial % 3
+        sim = torch.randn(1, n, q, generator=g)
+        cand_ok = torch.rand(1, n, generator=g) > 0.3
+        query_on = torch.rand(1, q, generator=g) > 0.2
+        got = assign(sim, cand_ok, query_on)[0]
+        cands, queries = torch.nonzero(cand_ok[0]).flatten(), torch.nonzero(query_on[0]).flatten()
+        if len(queries) == 0 or len(cands) < len(queries):
+            assert (got == -1).all()
+            continue
+        rows, cols = linear_sum_assignment(sim[0][cands][:, queries].T.numpy(), maximize=True)
+        best = sim[0][cands][:, queries].T.numpy()[rows, cols].sum()
+        chosen = got[queries]
+        assert len(set(chosen.tolist())) == len(queries) and cand_ok[0, chosen].all()
+        assert sim[0, chosen, queries].sum().item() == pytest.approx(best, abs=1e-5)
+        assert (got[~query_on[0]] == -1).all()
+
+
 def test_hungarian_is_exclusive():
     # Two queries both closest to candidate 0: the assignment must still give them distinct boxes.
     q = torch.tensor([[1.0, 0.0], [0.9, 0.1]])
@@ -269,8 +291,10 @@ def test_compute_losses_alpha_zero_and_terms():
     }
     cfg = LossConfig(alpha_warmup=100)
     total0, stats0 = compute_losses(out, batch, cfg, iteration=0, generator=gen())
+    stats0 = stats_to_floats(stats0)
     assert stats0["alpha"] == 0.0 and total0.item() == pytest.approx(stats0["ce"], rel=1e-6)
     total, stats = compute_losses(out, batch, cfg, iteration=100, generator=gen())
+    stats = stats_to_floats(stats)
     expected = stats["ce"] + 0.2 * (stats["pcl"] + 0.5 * stats["ocl"])
     assert total.item() == pytest.approx(expected, rel=1e-5)
     total.backward()

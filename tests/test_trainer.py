@@ -119,10 +119,17 @@ def test_xmem_forward_and_losses_tiny():
     selector = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     masks = masks * selector[:, None, :, None, None]
     cls_gt = torch.where(masks.sum(2) > 0, masks.argmax(2) + 1, 0)
-    out = ClipForward(net)(torch.randn(b, t, 3, s, s), masks[:, 0], selector, view=torch.randn(b, 3, s, s))
+    rgb, view = torch.randn(b, t, 3, s, s), torch.randn(b, 3, s, s)
+    out = ClipForward(net)(rgb, masks[:, 0], selector, view=view)
     assert len(out["logits"]) == 7 and out["keys"].shape == (b, t, 64, 4, 4)
-    # The second view is key-encoded at half size (VIEW_SCALE), so its key map is 2x2.
-    assert out["shrinkage"].shape == (b, t, 1, 4, 4) and out["view_key"].shape == (b, 64, 2, 2)
+    assert out["shrinkage"].shape == (b, t, 1, 4, 4) and out["view_key"].shape == (b, 64, 4, 4)
+    # Batched with the clip or encoded alone, the view's key is the same (frozen BN: no batch statistics).
+    net.eval()
+    alone = ClipForward(net, view_scale=0.5).encode_view(view)
+    assert alone.shape == (b, 64, 2, 2)
+    joint = ClipForward(net).encode_keys(rgb, view)[1]
+    torch.testing.assert_close(joint, net.encode_key(view).key, atol=1e-4, rtol=1e-4)
+    net.train()
     batch = {"cls_gt": cls_gt, "selector": selector, "view2_theta": torch.eye(3)[:2].expand(b, 2, 3),
              "boxes": torch.tensor([[0.0, 0, 32, 32], [32, 32, 64, 64], [0, 32, 32, 64]]).expand(b, t, 3, 4),
              "num_boxes": torch.full((b, t), 3), "object_boxes": torch.full((b, t, 2, 4), -1.0),

@@ -154,7 +154,9 @@ def test_sampler_keys_resume_and_workers(davis_root):
     sampler = ClipSampler(len(data), 2, seed=2, total_steps=2)
     serial = [b["rgb"] for b in DataLoader(data, batch_size=2, sampler=sampler)]
     parallel = [b["rgb"] for b in DataLoader(data, batch_size=2, sampler=sampler, num_workers=2,
-                                             worker_init_fn=worker_init_fn)]
+                                             worker_init_fn=worker_init_fn,
+                                             # fork after other tests started threads can deadlock
+                                             multiprocessing_context="spawn")]
     assert all(torch.equal(x, y) for x, y in zip(serial, parallel))
 
 

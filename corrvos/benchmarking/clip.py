@@ -78,9 +78,10 @@ def synthetic_clip(
     out = torch.empty(frames, 3, height, width, dtype=torch.uint8, device=device)
     first_mask = torch.zeros(height, width, dtype=torch.uint8, device=device)
     for t in range(frames):
-        angle = 2 * math.pi * t / period
+        phase = t % period  # exact periodicity (no float drift), so a pool of ``period`` frames cycles cleanly
+        angle = 2 * math.pi * phase / period
         # Smooth texture panning by one full wavelength per period: keys differ between places.
-        shift = width * t / period
+        shift = width * phase / period
         img = torch.stack(
             [
                 110 + 60 * torch.sin((xx + shift) * (2 * math.pi * c / width) + yy * (0.05 + 0.02 * c))

@@ -9,8 +9,12 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from corrvos.inference.tracker import Tracker
 
 _ABSENT = object()
 
@@ -34,7 +38,7 @@ class StageTimer:
         # (owner, method, its previous instance attribute or _ABSENT) to undo the patch exactly
         self._patched: list[tuple[object, str, object]] = []
 
-    def attach(self, tracker) -> None:
+    def attach(self, tracker: Tracker) -> None:
         """Wrap the stage methods of ``tracker.model`` and ``tracker.memory`` (which ``reset`` replaces)."""
         self.detach()
         for name, (owner_attr, method) in STAGES.items():
@@ -50,11 +54,6 @@ class StageTimer:
             else:
                 setattr(owner, method, previous)
         self._patched.clear()
-
-    def reset(self) -> None:
-        for name in STAGES:
-            self.seconds[name] = 0.0
-            self.calls[name] = 0
 
     def _timed(self, name: str, fn: Callable) -> Callable:
         @functools.wraps(fn)

@@ -20,6 +20,8 @@ from corrvos.training.schedule import ALPHA_MAX, BETA, bootstrap_p, corresponden
 from corrvos.training.seg_losses import bootstrapped_ce, dice_loss
 
 CORR_TERMS = ("pcl", "ocl")
+# Batch fields only read on the host (OCL's per-video bookkeeping): the trainer leaves them on the CPU.
+HOST_KEYS = frozenset({"boxes", "num_boxes", "object_boxes", "object_box_ids"})
 
 
 def parse_corr(text: str) -> frozenset[str]:
@@ -91,21 +93,22 @@ def boxes_from_batch(batch: dict[str, Any], frame: int) -> tuple[list[Tensor], l
 
 
 def compute_losses(out: dict[str, Any], batch: dict[str, Any], config: LossConfig, iteration: int,
-                   generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
-    """Total loss and the float value of every term (for logging).
+                   generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor | float]]:
+    """Total loss and every term, detached (0-dim tensors, or floats for the schedules; for logging).
 
     Args:
         out: the forward's dict (``logits``, ``keys``, ``shrinkage``, ``selection``, ``view_key``).
         batch: the collated training batch (``cls_gt``, ``selector``; for the cross-view term
             ``view2_theta``, the view being of clip frame 0; for OCL the box fields read by
-            ``boxes_from_batch``).
+            ``boxes_from_batch``, best left on the CPU: see ``HOST_KEYS``).
     """
     p = bootstrap_p(iteration, config.bootstrap_scale)
     ce, dc = segmentation_loss(out["logits"], batch["cls_gt"], batch.get("selector"), p, config.dice)
     total = ce if dc is None else ce + dc
-    stats: dict[str, float] = {"ce": float(ce.detach()), "p": p}
+    # Stats stay tensors (no device synchronisation in the middle of the step); see ``stats_to_floats``.
+    stats: dict[str, Tensor | float] = {"ce": ce.detach(), "p": p}
     if dc is not None:
-        stats["dice"] = float(dc.detach())
+        stats["dice"] = dc.detach()
 
     alpha = correspondence_alpha(iteration, config.alpha_warmup, config.alpha_max, config.alpha_start)
     stats["alpha"] = alpha
@@ -119,11 +122,11 @@ def compute_losses(out: dict[str, Any], batch: dict[str, Any], config: LossConfi
             selection=None if out.get("selection") is None else out["selection"].float(),
             view_key=out["view_key"].float() if use_view else None,
             view_to_frame=batch["view2_theta"].to(keys.device) if use_view else None,
-            view_frame=torch.zeros(keys.shape[0], dtype=torch.long) if use_view else None,
+            view_frame=torch.zeros(keys.shape[0], dtype=torch.long, device=keys.device) if use_view else None,
             negatives=config.negatives,
             generator=generator,
         )
-        stats["pcl"] = float(pcl.detach())
+        stats["pcl"] = pcl.detach()
         corr = pcl
     if config.ocl:
         t_first, t_last = 0, keys.shape[1] - 1
@@ -135,10 +138,19 @@ def compute_losses(out: dict[str, Any], batch: dict[str, Any], config: LossConfi
             negatives=config.negatives, use_proposals=config.ocl_proposals, use_annotated=config.ocl_annotated,
             generator=generator,
         )
-        stats["ocl"] = float(result.loss.detach())
-        stats["ocl_n"] = float(result.num_queries)
+        stats["ocl"] = result.loss.detach()
+        stats["ocl_n"] = result.num_queries.detach().float()
         corr = config.beta * result.loss if corr is None else corr + config.beta * result.loss
     if corr is not None:
         total = total + alpha * corr
-    stats["loss"] = float(total.detach())
+    stats["loss"] = total.detach()
     return total, stats
+
+
+def stats_to_floats(stats: dict[str, Tensor | float]) -> dict[str, float]:
+    """Loss terms -> python floats with a single device synchronisation."""
+    keys = [k for k, v in stats.items() if torch.is_tensor(v)]
+    values = torch.stack([stats[k].float().reshape(()) for k in keys]).tolist() if keys else []
+    out = {k: float(v) for k, v in stats.items() if not torch.is_tensor(v)}
+    out.update(zip(keys, values))
+    return {k: out[k] for k in stats}

@@ -16,10 +16,15 @@ The paper's code has no object-level loss; this is our implementation of the tex
   memory read uses), 4x4 bins, ``aligned=True``. Frame t' keeps at most ``max_candidates`` boxes
   (annotated ones always kept) so the cost stays bounded.
 * Matching (Eq. 9-10): annotated query objects match the box of the same id in t'; proposal
-  queries are assigned to the remaining boxes of t' by the Hungarian algorithm
-  (``scipy.optimize.linear_sum_assignment``), maximising ``similarity`` (no gradient). The query
-  norm that ``similarity`` drops adds the same constant to every complete assignment, so the
-  optimum is unchanged.
+  queries are assigned to the remaining boxes of t' by an exact maximum-weight assignment of the
+  ``similarity`` (no gradient), the problem the Hungarian algorithm solves. With |Q| <= 5 it is
+  solved on the features' device by enumeration: in an optimal assignment each of m queries gets
+  one of its own m best candidates (otherwise one of those is free and at least as good), so the
+  ``k^m`` combinations of per-query top-k candidates contain the optimum. This keeps the training
+  step free of a device-to-host synchronisation (measured: the CPU round trip through
+  ``scipy.optimize.linear_sum_assignment`` cost more than the rest of the loss on an H100);
+  larger |Q| falls back to scipy. Tests check the two agree. The query norm that ``similarity``
+  drops adds the same constant to every complete assignment, so the optimum is unchanged.
 * Loss (Eq. 11): InfoNCE of p_i against p'_{j*} with negatives O = the object features (queries
   and t' boxes) of the other videos of the batch. Eq. 11 has the sum over Q inside the log; we use
   the mean over queries of ``-log(...)`` (standard InfoNCE) for the same reason as in L_PCL.
@@ -28,6 +33,8 @@ The paper's code has no object-level loss; this is our implementation of the tex
 * One video in the batch (no inter-video negatives): ``BOTH`` falls back to the intra-video
   negatives; a query with no negative at all is not counted, and when no query counts the loss
   is an exact 0 attached to the graph (``OclResult.num_queries == 0`` says so).
+* Boxes and ids are expected on the CPU (the per-video bookkeeping is done there, without
+  touching the device); the features stay on the device.
 """
 from __future__ import annotations
 
@@ -47,37 +54,88 @@ CLUSTER_CELL = 32
 MAX_CANDIDATES = 128
 ROI_BINS = 4
 INTRA_IOU = 0.5
+MAX_ENUMERATED_QUERIES = 5
+_NEG = -1e30
 
 
 class OclResult(NamedTuple):
     loss: Tensor
-    num_queries: int  # queries that entered the loss (0: loss is an exact, attached 0)
+    num_queries: Tensor  # queries that entered the loss, a 0-dim tensor (0: the loss is an exact, attached 0)
 
 
-def object_features(key: Tensor, boxes: list[Tensor], image_size: tuple[int, int]) -> list[Tensor]:
-    """Eq. 8: ``AVGPool(RoIAlign(K, box))`` for each sample's ``(N, 4)`` pixel boxes -> ``(N, C)`` each."""
+def to_device(x: Tensor, device: torch.device) -> Tensor:
+    """Host tensor -> ``device`` without a stream synchronisation (pinned, non-blocking copy on CUDA)."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def object_features(key: Tensor, rois: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """Eq. 8: ``AVGPool(RoIAlign(K, box))`` for ``(R, 5)`` rois ``(batch index, x1, y1, x2, y2)`` in pixels."""
+    if len(rois) == 0:
+        return key.new_zeros(0, key.shape[1])
     scale = key.shape[-1] / image_size[1]
-    counts = [len(b) for b in boxes]
-    if sum(counts) == 0:
-        return [key.new_zeros(0, key.shape[1]) for _ in boxes]
-    pooled = roi_align(key, [b.to(key.dtype) for b in boxes], output_size=ROI_BINS, spatial_scale=scale,
-                       sampling_ratio=2, aligned=True).mean(dim=(2, 3))
-    return list(pooled.split(counts))
+    return roi_align(key, rois.to(key.dtype), output_size=ROI_BINS, spatial_scale=scale, sampling_ratio=2,
+                     aligned=True).mean(dim=(2, 3))
+
+
+def assign(sim: Tensor, cand_ok: Tensor, query_on: Tensor) -> Tensor:
+    """Maximum-weight assignment of the active queries of each sample to distinct allowed candidates.
+
+    Args:
+        sim: ``(B, N, Q)`` similarities of N candidates to Q queries.
+        cand_ok: ``(B, N)`` bool, candidates that may be assigned.
+        query_on: ``(B, Q)`` bool, queries to assign (the others get -1).
+    Returns:
+        ``(B, Q)`` long candidate index per query; -1 for inactive queries and for every query of a
+        sample that has fewer allowed candidates than active queries.
+    """
+    b, n, q = sim.shape
+    out = torch.full((b, q), -1, dtype=torch.long, device=sim.device)
+    if n == 0 or q == 0:
+        return out
+    if q > MAX_ENUMERATED_QUERIES:
+        return _assign_scipy(sim, cand_ok, query_on)
+    masked = sim.float().masked_fill(~cand_ok[:, :, None], _NEG)
+    k = min(q, n)
+    top_val, top_idx = masked.topk(k, dim=1)  # (B, k, Q)
+    # All k^q choices of a rank per query, made on the device (no host-to-device copy).
+    digit = k ** torch.arange(q - 1, -1, -1, device=sim.device)
+    combos = torch.div(torch.arange(k**q, device=sim.device)[:, None], digit, rounding_mode="floor") % k  # (C, Q)
+    qi = torch.arange(q, device=sim.device)
+    chosen = top_idx[:, combos, qi]  # (B, C, Q) candidate of each query under each combination
+    value = top_val[:, combos, qi]
+    on = query_on[:, None, :]
+    score = (value * on).sum(-1)
+    same = chosen[..., :, None] == chosen[..., None, :]  # (B, C, Q, Q)
+    both_on = on[..., :, None] & on[..., None, :]
+    clash = (same & both_on & ~torch.eye(q, dtype=torch.bool, device=sim.device)).any(-1).any(-1)
+    feasible = ~clash & ~((value <= _NEG / 2) & on).any(-1)
+    best = score.masked_fill(~feasible, -float("inf")).argmax(dim=1)  # (B,)
+    pick = chosen[torch.arange(b, device=sim.device), best]  # (B, Q)
+    ok = feasible.any(dim=1)[:, None] & query_on
+    return torch.where(ok, pick, out)
+
+
+def _assign_scipy(sim: Tensor, cand_ok: Tensor, query_on: Tensor) -> Tensor:
+    out = torch.full(query_on.shape, -1, dtype=torch.long)
+    sim_np, cand_np, on_np = sim.detach().float().cpu().numpy(), cand_ok.cpu().numpy(), query_on.cpu().numpy()
+    for b in range(sim_np.shape[0]):
+        cands, queries = np.nonzero(cand_np[b])[0], np.nonzero(on_np[b])[0]
+        if len(queries) == 0 or len(cands) < len(queries):
+            continue
+        rows, cols = linear_sum_assignment(sim_np[b][np.ix_(cands, queries)].T, maximize=True)
+        out[b, torch.from_numpy(queries[rows])] = torch.from_numpy(cands[cols].astype(np.int64))
+    return out.to(sim.device)
 
 
 def match_objects(query_feat: Tensor, cand_feat: Tensor) -> Tensor:
-    """Eq. 9-10: Hungarian assignment of ``(Q, C)`` queries to ``(N, C)`` candidates (N >= Q).
-
-    Returns ``(Q,)`` long: the candidate index j* of every query, maximising the summed similarity.
-    """
-    if len(query_feat) == 0:
-        return torch.zeros(0, dtype=torch.long)
+    """Eq. 9-10 for one sample: ``(Q, C)`` queries, ``(N, C)`` candidates (N >= Q) -> ``(Q,)`` j* per query."""
     with torch.no_grad():
-        sim = similarity(cand_feat.detach().float().T[None], query_feat.detach().float().T[None])[0]  # (N, Q)
-    rows, cols = linear_sum_assignment(sim.T.cpu().numpy(), maximize=True)
-    out = torch.empty(len(query_feat), dtype=torch.long)
-    out[torch.from_numpy(rows.astype(np.int64))] = torch.from_numpy(cols.astype(np.int64))
-    return out
+        sim = similarity(cand_feat.detach().float().T[None], query_feat.detach().float().T[None])  # (1, N, Q)
+        ok = torch.ones(1, len(cand_feat), dtype=torch.bool, device=sim.device)
+        on = torch.ones(1, len(query_feat), dtype=torch.bool, device=sim.device)
+        return assign(sim, ok, on)[0]
 
 
 def sample_queries(boxes: Tensor, ids: Tensor, num_queries: int = NUM_QUERIES, cell: int = CLUSTER_CELL,
@@ -123,13 +181,15 @@ def ocl_loss(key_t: Tensor, key_t2: Tensor, boxes_t: list[Tensor], ids_t: list[T
 
     Args:
         key_t, key_t2: ``(B, C, h, w)`` keys of frames t and t'.
-        boxes_t, boxes_t2: per sample ``(N, 4)`` float boxes (x1, y1, x2, y2) in crop pixels.
+        boxes_t, boxes_t2: per sample ``(N, 4)`` float boxes (x1, y1, x2, y2) in crop pixels (CPU).
         ids_t, ids_t2: per sample ``(N,)`` long: 0 for a proposal, the object id (> 0) for an annotation.
         image_size: ``(H, W)`` of the crop the boxes refer to.
     """
     negatives = Negatives(negatives)
-    batch = key_t.shape[0]
-    q_boxes, q_target_ids, p_boxes, p_ids = [], [], [], []
+    batch, device = key_t.shape[0], key_t.device
+
+    # ---- host side: which boxes, which queries, which matches are known by identity.
+    q_boxes, p_boxes, known, free = [], [], [], []
     for b in range(batch):
         bt, it = _select_kinds(boxes_t[b].float().cpu(), ids_t[b].long().cpu(), use_proposals, use_annotated)
         bt2, it2 = _select_kinds(boxes_t2[b].float().cpu(), ids_t2[b].long().cpu(), use_proposals, use_annotated)
@@ -138,63 +198,81 @@ def ocl_loss(key_t: Tensor, key_t2: Tensor, boxes_t: list[Tensor], ids_t: list[T
         present = (it <= 0) | torch.isin(it, it2[it2 > 0])
         bt, it = bt[present], it[present]
         q = sample_queries(bt, it, num_queries, cell, generator)
-        q = q[: len(bt2)]  # the assignment needs at least as many candidates as queries
+        q = q[: len(bt2)]  # an assignment needs at least as many candidates as queries
+        j_known = torch.full((len(q),), -1, dtype=torch.long)
+        for i, obj in enumerate(it[q].tolist()):
+            if obj > 0:
+                j_known[i] = int(torch.nonzero(it2 == obj).flatten()[0])
+        f = torch.ones(len(bt2), dtype=torch.bool)
+        f[j_known[j_known >= 0]] = False
         q_boxes.append(bt[q])
-        q_target_ids.append(it[q])
         p_boxes.append(bt2)
-        p_ids.append(it2)
+        known.append(j_known)
+        free.append(f)
 
-    device = key_t.device
-    q_feat = object_features(key_t, [x.to(device) for x in q_boxes], image_size)
-    p_feat = object_features(key_t2, [x.to(device) for x in p_boxes], image_size)
+    n_q = [len(x) for x in q_boxes]
+    n_p = [len(x) for x in p_boxes]
+    if sum(n_q) == 0:
+        zero = key_t.sum() * 0.0 + key_t2.sum() * 0.0
+        return OclResult(zero, torch.zeros((), device=device))
+    q_max, p_max = max(n_q), max(max(n_p), 1)
 
-    # Bank of candidates, video by video: [t' boxes of video b, queries of video b].
-    bank, owner, is_query, positives = [], [], [], []
-    offset = 0
+    # Layout of the candidate bank, video by video: [t' boxes of video b, queries of video b].
+    bank_boxes = torch.cat([torch.cat([p_boxes[b], q_boxes[b]]) for b in range(batch)])
+    owner = torch.cat([torch.full((n_p[b] + n_q[b],), b) for b in range(batch)])
+    is_query = torch.cat([torch.cat([torch.zeros(n_p[b], dtype=torch.bool), torch.ones(n_q[b], dtype=torch.bool)])
+                          for b in range(batch)])
+    p_offset = torch.tensor([0] + list(np.cumsum([n_p[b] + n_q[b] for b in range(batch)])[:-1]), dtype=torch.long)
+    # Padded (B, Q) / (B, N) views for the assignment, as flat indices into the bank (-1 = padding).
+    q_slot = torch.full((batch, q_max), -1, dtype=torch.long)
+    p_slot = torch.full((batch, p_max), -1, dtype=torch.long)
+    cand_ok = torch.zeros(batch, p_max, dtype=torch.bool)
+    known_pad = torch.full((batch, q_max), -1, dtype=torch.long)
     for b in range(batch):
-        n_p, n_q = len(p_feat[b]), len(q_feat[b])
-        j_star = torch.full((n_q,), -1, dtype=torch.long)
-        ann = q_target_ids[b] > 0
-        for i in torch.nonzero(ann).flatten().tolist():
-            j_star[i] = int(torch.nonzero(p_ids[b] == q_target_ids[b][i]).flatten()[0])
-        prop = torch.nonzero(~ann).flatten()
-        if len(prop):
-            free = torch.ones(n_p, dtype=torch.bool)
-            free[j_star[ann]] = False
-            free_idx = torch.nonzero(free).flatten()
-            if len(free_idx) >= len(prop):
-                assign = match_objects(q_feat[b][prop.to(device)], p_feat[b][free_idx.to(device)])
-                j_star[prop] = free_idx[assign]
-        positives.append(j_star + offset)
-        bank += [p_feat[b], q_feat[b]]
-        owner += [b] * (n_p + n_q)
-        is_query += [False] * n_p + [True] * n_q
-        offset += n_p + n_q
+        q_slot[b, : n_q[b]] = p_offset[b] + n_p[b] + torch.arange(n_q[b])
+        p_slot[b, : n_p[b]] = p_offset[b] + torch.arange(n_p[b])
+        cand_ok[b, : n_p[b]] = free[b]
+        known_pad[b, : n_q[b]] = known[b]
+    query_on = (q_slot >= 0) & (known_pad < 0)  # proposal queries: matched by assignment
+    bank_q = is_query.nonzero().flatten()  # bank rows that are queries, in (video, query) order
+    q_owner = owner[bank_q]
+    q_flat = (q_slot >= 0).flatten().nonzero().flatten()  # the same queries as positions in the (B, Q) pad
 
-    queries = torch.cat(q_feat) if q_feat else key_t.new_zeros(0, key_t.shape[1])
-    if len(queries) == 0:
-        return OclResult(key_t.sum() * 0.0 + key_t2.sum() * 0.0, 0)
-    bank_t = torch.cat(bank)  # (M, C)
-    owner_t = torch.tensor(owner, device=device)
-    is_query_t = torch.tensor(is_query, device=device)
-    q_owner = torch.cat([torch.full((len(q_feat[b]),), b, dtype=torch.long) for b in range(batch)]).to(device)
-    target = torch.cat(positives).to(device)  # (Q_total,), -1 where no match exists
+    # ---- device side: one RoIAlign over both frames, the assignment, the InfoNCE.
+    host = dict(bank_boxes=bank_boxes, owner=owner, is_query=is_query, p_offset=p_offset, q_slot=q_slot,
+                p_slot=p_slot, cand_ok=cand_ok, known_pad=known_pad, query_on=query_on, bank_q=bank_q,
+                q_owner=q_owner, q_flat=q_flat)
+    dev = {k: to_device(v, device) for k, v in host.items()}
+    rois = torch.cat([(owner + torch.where(is_query, 0, batch)).to(bank_boxes.dtype)[:, None], bank_boxes], dim=1)
+    feats = object_features(torch.cat([key_t, key_t2]), to_device(rois, device), image_size)  # (M, C)
+
+    with torch.no_grad():
+        detached = feats.detach().float()
+        q_pad = detached[dev["q_slot"].clamp(min=0)]  # (B, Q, C)
+        p_pad = detached[dev["p_slot"].clamp(min=0)]  # (B, N, C)
+        sim = similarity(p_pad.transpose(1, 2), q_pad.transpose(1, 2))  # (B, N, Q)
+        assigned = assign(sim, dev["cand_ok"], dev["query_on"])
+        local = torch.where(dev["known_pad"] >= 0, dev["known_pad"], assigned)  # (B, Q) index into t' boxes
+        target_pad = torch.where(local >= 0, dev["p_offset"][:, None] + local, -1)
+        target = target_pad.flatten()[dev["q_flat"]]  # (Q_total,), video by video like bank_q
     has_pos = target >= 0
     target = target.clamp(min=0)
 
-    m = len(bank_t)
+    m = len(feats)
     cols = torch.arange(m, device=device)
-    allowed = torch.zeros(len(queries), m, dtype=torch.bool, device=device)
+    allowed = torch.zeros(len(target), m, dtype=torch.bool, device=device)
+    same_video = dev["owner"][None, :] == dev["q_owner"][:, None]
     if negatives in (Negatives.INTER, Negatives.BOTH):
-        allowed |= owner_t[None, :] != q_owner[:, None]
+        allowed |= ~same_video
     if negatives in (Negatives.INTRA, Negatives.BOTH):
-        boxes_bank = torch.cat([torch.cat([p_boxes[b], q_boxes[b]]) for b in range(batch)]).to(device)
-        iou = box_iou(boxes_bank[target], boxes_bank)  # (Q_total, M)
-        allowed |= (owner_t[None, :] == q_owner[:, None]) & ~is_query_t[None, :] & (iou < INTRA_IOU)
+        boxes_dev = dev["bank_boxes"]
+        iou = box_iou(boxes_dev[target], boxes_dev)  # (Q_total, M)
+        allowed |= same_video & ~dev["is_query"][None, :] & (iou < INTRA_IOU)
     allowed &= cols[None, :] != target[:, None]
     valid = has_pos & allowed.any(dim=1)
     allowed |= cols[None, :] == target[:, None]
 
-    sim = similarity(bank_t.T[None], queries.T[None])  # (1, M, Q_total)
+    queries = feats[dev["bank_q"]]  # (Q_total, C)
+    sim = similarity(feats.T[None], queries.T[None])  # (1, M, Q_total)
     loss = contrastive_ce(sim, target[None], allowed.T[None], valid[None])
-    return OclResult(loss, int(valid.sum()))
+    return OclResult(loss, valid.sum())

@@ -49,16 +49,20 @@ def jittered_grid(batch: int, h: int, w: int, grid: int = ANCHOR_GRID, generator
     Returns ``(ys, xs)``, each ``(B, G)`` long with ``G = min(grid, h) * min(grid, w)``.
     """
     gy, gx = min(grid, h), min(grid, w)
-    y_edges = torch.div(torch.arange(gy + 1) * h, gy, rounding_mode="floor")
-    x_edges = torch.div(torch.arange(gx + 1) * w, gx, rounding_mode="floor")
+    device = torch.device(device)
+    # Without an explicit generator everything is made on the target device: a host-to-device copy
+    # of pageable memory would synchronise the CUDA stream in the middle of the step.
+    rand_device = device if generator is None else torch.device("cpu")
+    y_edges = torch.div(torch.arange(gy + 1, device=device) * h, gy, rounding_mode="floor")
+    x_edges = torch.div(torch.arange(gx + 1, device=device) * w, gx, rounding_mode="floor")
     y0, ysize = y_edges[:-1], y_edges[1:] - y_edges[:-1]
     x0, xsize = x_edges[:-1], x_edges[1:] - x_edges[:-1]
-    ry = torch.rand(batch, gy, gx, generator=generator)
-    rx = torch.rand(batch, gy, gx, generator=generator)
+    ry = torch.rand(batch, gy, gx, generator=generator, device=rand_device).to(device)
+    rx = torch.rand(batch, gy, gx, generator=generator, device=rand_device).to(device)
     # rand is in [0, 1), so floor(rand * size) stays inside the cell.
     ys = y0[None, :, None] + (ry * ysize[None, :, None]).long()
     xs = x0[None, None, :] + (rx * xsize[None, None, :]).long()
-    return ys.reshape(batch, -1).to(device), xs.reshape(batch, -1).to(device)
+    return ys.reshape(batch, -1), xs.reshape(batch, -1)
 
 
 def gather_points(feat: Tensor, ys: Tensor, xs: Tensor) -> Tensor:
@@ -163,7 +167,8 @@ def pcl_loss(keys: Tensor, *, shrinkage: Tensor | None = None, selection: Tensor
         keys: ``(B, T, C, h, w)`` keys of every clip frame (T >= 3).
         shrinkage: optional ``(B, T, 1, h, w)``; selection: optional ``(B, T, C, h, w)`` (XMem).
         view_key: optional ``(B, C, h, w)`` keys of the second view (enables the cross-view term).
-        view_to_frame: ``(B, 2, 3)`` affine of the view; view_frame: ``(B,)`` clip index it was made from.
+        view_to_frame: ``(B, 2, 3)`` affine of the view; view_frame: ``(B,)`` clip index it was made from
+            (on the keys' device).
     """
     num_frames = keys.shape[1]
     if num_frames < 3:
@@ -185,6 +190,6 @@ def pcl_loss(keys: Tensor, *, shrinkage: Tensor | None = None, selection: Tensor
     if view_to_frame is None or view_frame is None:
         raise ValueError("the cross-view term needs view_to_frame and view_frame along with view_key")
     batch_idx = torch.arange(keys.shape[0], device=keys.device)
-    frame_key = keys[batch_idx, view_frame.to(keys.device).long()]
+    frame_key = keys[batch_idx, view_frame.long()]
     cross = pcl_cross_view(view_key, frame_key, view_to_frame, negatives=negatives, grid=grid, generator=generator)
     return 0.5 * (temporal + cross)

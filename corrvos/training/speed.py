@@ -7,7 +7,7 @@ are already on the device, so the numbers isolate compute: the same batches serv
 and data loading (identical for all variants apart from the second view) is left out. Variants:
 ``seg`` (L_seg only), ``pcl`` (+ L_PCL with the cross-view anchor), ``pcl,ocl`` (the full method)
 ``pcl,ocl/no-cv`` (without the cross-view anchor, i.e. no extra key-encoder input) and
-``pcl,ocl/cv-full`` (the second view encoded at full instead of half size).
+``pcl,ocl/cv-half`` (the second view encoded at half size in a separate key-encoder call).
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 # name -> (--corr, cross-view anchor, view scale)
-VARIANTS = {"seg": ("none", False, 0.5), "pcl": ("pcl", True, 0.5), "pcl,ocl": ("pcl,ocl", True, 0.5),
-            "pcl,ocl/no-cv": ("pcl,ocl", False, 0.5), "pcl,ocl/cv-full": ("pcl,ocl", True, 1.0)}
+VARIANTS = {"seg": ("none", False, 1.0), "pcl": ("pcl", True, 1.0), "pcl,ocl": ("pcl,ocl", True, 1.0),
+            "pcl,ocl/no-cv": ("pcl,ocl", False, 1.0), "pcl,ocl/cv-half": ("pcl,ocl", True, 0.5)}
 
 
 def synthetic_sample(rng: np.random.Generator, frames: int, objects: int, crop: int, proposals: int = 64) -> dict:
@@ -60,7 +60,8 @@ def collate(samples: list[dict]) -> dict:
     return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
 
 
-def time_variant(model: str, corr: str, cross_view: bool, view_scale: float, batches: list[dict], args: argparse.Namespace) -> float:
+def time_variant(model: str, corr: str, cross_view: bool, view_scale: float, batches: list[dict],
+                 args: argparse.Namespace, profile: bool = False) -> float:
     """Iterations per second of ``train_step`` over ``batches`` after ``args.warmup`` untimed steps."""
     from corrvos.training.losses import parse_corr
     from corrvos.training.trainer import Trainer, TrainOptions
@@ -72,7 +73,7 @@ def time_variant(model: str, corr: str, cross_view: bool, view_scale: float, bat
         trainer = Trainer(opts, dataset=[])
         trainer.iteration = 10**5  # past bootstrapping warm-up: the top-p selection runs too
         on_cuda = trainer.device.type == "cuda"
-        batches = [{k: v.to(trainer.device) for k, v in b.items()} for b in batches]
+        batches = [trainer._to_device(b) for b in batches]  # as the trainer does: box fields stay on the host
 
         def sync() -> None:
             if on_cuda:
@@ -81,11 +82,47 @@ def time_variant(model: str, corr: str, cross_view: bool, view_scale: float, bat
         for i in range(args.warmup):
             trainer.train_step([batches[i % len(batches)]])
         sync()
+        prof = None
+        if profile:
+            from torch.profiler import ProfilerActivity, profile as torch_profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+            prof = torch_profile(activities=activities)
+            prof.__enter__()
         start = time.perf_counter()
         for i in range(args.iters):
             trainer.train_step([batches[i % len(batches)]])
         sync()
-        return args.iters / (time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            sort = "self_cuda_time_total" if on_cuda else "self_cpu_time_total"
+            print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
+        return args.iters / elapsed
+
+
+def check_syncs(model: str, args: argparse.Namespace) -> None:
+    """Print every call site that made the device synchronise during one full-method training step."""
+    import warnings
+
+    from corrvos.training.stages import get_stage
+
+    preset = get_stage(model, "main")
+    rng = np.random.default_rng(1)
+    batch = collate([synthetic_sample(rng, preset.frames, preset.max_objects, args.crop) for _ in range(args.batch)])
+    quick = argparse.Namespace(**{**vars(args), "iters": 0, "warmup": 1})
+    time_variant(model, *VARIANTS["pcl,ocl"], [batch], quick)  # warm-up outside the check
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            time_variant(model, *VARIANTS["pcl,ocl"], [batch], quick)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites = sorted({f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}" for w in caught})
+    print(f"synchronising call sites in one step of {model} (pcl,ocl): {len(sites)}")
+    for site in sites:
+        print("  " + site)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,10 +137,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--amp", default=None, choices=("bf16", "fp16", "none"))
     p.add_argument("--device", default=None)
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--profile", nargs="+", choices=list(VARIANTS), default=[],
+                   help="print a torch.profiler table of these variants (of the first model) instead of timing")
+    p.add_argument("--check-syncs", action="store_true",
+                   help="first run one full-method step with torch.cuda.set_sync_debug_mode('warn') and list the "
+                        "places that synchronise the device")
     args = p.parse_args(argv)
 
     from corrvos.training.stages import get_stage
 
+    if args.check_syncs and torch.cuda.is_available():
+        check_syncs(args.models[0], args)
+    if args.profile:
+        preset = get_stage(args.models[0], "main")
+        rng = np.random.default_rng(0)
+        batches = [collate([synthetic_sample(rng, preset.frames, preset.max_objects, args.crop)
+                            for _ in range(args.batch)]) for _ in range(2)]
+        for name in args.profile:
+            rate = time_variant(args.models[0], *VARIANTS[name], batches, args, profile=True)
+            print(f"^ {args.models[0]} {name}: {rate:.3f} it/s while profiled")
+        return 0
     results = []
     for model in args.models:
         preset = get_stage(model, "main")

@@ -20,7 +20,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from corrvos.errors import CheckpointError, DatasetError
 from corrvos.models.config import ModelConfig
 from corrvos.training.contrastive import Negatives
 from corrvos.training.forward import VIEW_SCALE, XMEM_DEEP_UPDATE_P, ClipForward
-from corrvos.training.losses import LossConfig, compute_losses
+from corrvos.training.losses import HOST_KEYS, LossConfig, compute_losses, stats_to_floats
 from corrvos.training.stages import StagePreset, get_stage
 
 CHECKPOINT_PREFIX = "ckpt_"
@@ -404,9 +404,10 @@ class Trainer:
     # ------------------------------------------------------------------ training
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         nb = self.device.type == "cuda"
-        return {k: v.to(self.device, non_blocking=nb) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return {k: v.to(self.device, non_blocking=nb) if torch.is_tensor(v) and k not in HOST_KEYS else v
+                for k, v in batch.items()}
 
-    def _micro_step(self, batch: dict[str, Any], sync: bool) -> dict[str, float]:
+    def _micro_step(self, batch: dict[str, Any], sync: bool) -> dict[str, Any]:
         batch = self._to_device(batch)
         ddp = isinstance(self.forward_module, nn.parallel.DistributedDataParallel)
         no_sync = self.forward_module.no_sync() if ddp and not sync else contextlib.nullcontext()
@@ -424,7 +425,7 @@ class Trainer:
         self.forward_module.train()
         freeze_bn(self.forward_module)
         self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
+        totals: dict[str, Any] = {}
         for i, batch in enumerate(batches):
             stats = self._micro_step(batch, sync=i == len(batches) - 1)
             for k, v in stats.items():
@@ -433,7 +434,7 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.iteration += 1
-        return totals
+        return stats_to_floats(totals)  # the step's only device synchronisation
 
     def train(self, stop_at: int | None = None) -> Path | None:
         """Train to the last iteration and return the final weights' path.
