@@ -290,10 +290,22 @@ class AppHandlers:
         status = (
             f"Done: {n} frames, {num_objects} object(s), annotated frame {t0}, {elapsed:.1f} s "
             f"({per_frame:.2f} s per frame for A and B together on {self.config.device_label.split(' ')[0]}). "
+            f"Memory at the last frame: {self._memory_text(session)}. "
             "Scrub the frame slider, click a pixel of A or B to inspect its memory read."
         )
         slider = gr.Slider(minimum=0, maximum=max(n - 1, 0), value=t0, step=1, interactive=n > 1)
         yield a, b, diff, status, slider, str(videos[0]), str(videos[1]), fig
+
+    @staticmethod
+    def _memory_text(session: Session) -> str:
+        parts = []
+        for slot, run in session.runs.items():
+            tracker = run.forward if run.forward is not None else run.backward
+            if tracker is None:
+                continue
+            stats = tracker.memory_stats()
+            parts.append(f"{slot} {stats.memory_frames} frames / {stats.elements} elements (top-{tracker.top_k})")
+        return ", ".join(parts) or "n/a"
 
     def _write_overlay_video(self, session: Session, slot: str) -> Path:
         run = session.runs[slot]

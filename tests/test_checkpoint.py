@@ -23,11 +23,6 @@ from corrvos.models.checkpoint import (
 from corrvos.models.config import get_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(_small_threads):
-    # These tensors are tiny: one thread is faster, and on the shared 2-core machine two OpenMP
-    # threads competing with other jobs made each forward pass 10-100x slower.
-    torch.set_num_threads(1)
 
 
 def _randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -1,5 +1,4 @@
 """DAVIS evaluation of folders: synthetic DAVIS-2017 sequences computed by hand, errors, CSVs, real DAVIS-2016."""
-import shutil
 
 import cv2
 import numpy as np

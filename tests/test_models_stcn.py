@@ -14,11 +14,6 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FP16_BUDGET = 16 * 2**20
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(_small_threads):
-    # These tensors are tiny: one thread is faster, and on the shared 2-core machine two OpenMP
-    # threads competing with other jobs made each forward pass 10-100x slower.
-    torch.set_num_threads(1)
 
 
 def _shapes(model: torch.nn.Module) -> dict[str, list[int]]:

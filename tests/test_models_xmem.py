@@ -13,11 +13,6 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FP16_BUDGET = 16 * 2**20
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(_small_threads):
-    # These tensors are tiny: one thread is faster, and on the shared 2-core machine two OpenMP
-    # threads competing with other jobs made each forward pass 10-100x slower.
-    torch.set_num_threads(1)
 
 
 def test_xmem_state_dict_equals_upstream_keys_and_shapes():

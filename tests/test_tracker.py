@@ -13,14 +13,6 @@ from corrvos.errors import InputError
 from corrvos.inference.tracker import Tracker
 from fake_vos_net import FakeVOSNet, moving_squares
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tensors are tiny: on the shared 2-core machine, waking a second intra-op thread per op
-    # costs far more than the op (40x slower under load), so run them on one thread.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 SMALL_XMEM = dict(min_working_frames=2, max_working_frames=4, num_prototypes=16, max_long_term_elements=64)

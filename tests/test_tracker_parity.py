@@ -16,12 +16,6 @@ from corrvos.models.similarity import similarity
 from fake_vos_net import FakeVOSNet, moving_squares
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: a second thread only adds contention
-    yield
-    torch.set_num_threads(previous)
 
 
 def soft_aggregate(prob):

@@ -39,12 +39,6 @@ def proposals(davis2016_root, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # On the shared 2-core machine, 2 OpenMP threads per process contend badly under load (measured 5 s vs
-    # 0.36 s per tiny step); one thread is both faster and steadier here.
-    torch.set_num_threads(1)
-    yield
 
 
 def _options(root, out, proposals, **kw):

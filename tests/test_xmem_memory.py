@@ -6,14 +6,6 @@ import torch
 
 from corrvos.inference.xmem_memory import XMemMemory, _LongTermMemory
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tensors are tiny: on the shared 2-core machine, waking a second intra-op thread per op
-    # costs far more than the op (40x slower under load), so run them on one thread.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 CK, CV, H, W = 3, 2, 2, 2
