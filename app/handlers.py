@@ -31,7 +31,7 @@ from app.session import (
     propagate_runs,
 )
 from corrvos.errors import CheckpointError, CorrvosError, InputError
-from corrvos.io.masks import write_mask
+from corrvos.io.masks import read_mask, write_mask
 from corrvos.io.video import VideoWriter, load_frames
 from corrvos.viz.compare import disagreement_view, frame_series
 from corrvos.viz.heatmap import match_strip, memory_frame_panel, summarize_affinity
@@ -192,8 +192,6 @@ class AppHandlers:
             raise InputError("no example is selected; pick one from the list.")
         video, mask_path = example_files(name)
         session = self._open(video, request, f"example {name} (DAVIS 2016)")
-        from corrvos.io.masks import read_mask
-
         session.example_mask = read_mask(mask_path)
         return self._input_outputs(session, session.example_mask)
 
@@ -257,8 +255,6 @@ class AppHandlers:
         session = self._session(request)
         t0 = int(np.clip(int(anno_t or 0), 0, len(session.frames) - 1))
         layers = editor.get("layers") if isinstance(editor, dict) else None
-        if layers is None and isinstance(editor, dict) and editor.get("background") is None:
-            layers = None
         mask = inputs.first_mask(layers, mask_file, session.frames[t0].shape)
         mask, num_objects = inputs.compact_labels(mask)
         gt = inputs.read_ground_truth(gt_files, session.names, session.frames[0].shape) if gt_files else None
