@@ -402,8 +402,7 @@ STRIP_HEIGHT = 200
 
 
 def _tracker_pad(tracker) -> tuple[int, int, int, int]:
-    geometry = getattr(tracker, "geometry", None) or getattr(tracker, "_geometry")
-    return tuple(geometry.pad)
+    return tuple(tracker.geometry.pad)
 
 
 def affinity_view(session: Session, slot: str, t: int, x: float, y: float) -> AffinityView:

@@ -47,11 +47,10 @@ class CorrespondenceRecorder:
         return self._grid_labels[frame]
 
     def on_frame(self, seq: str, t: int, tracker, labels_out: np.ndarray) -> None:
-        # The tracker keeps frame t's read in a private record; see the report for the public hook asked for.
-        record = getattr(tracker, "_records", {}).get(t)
+        record = tracker.frame_read(t)
         if record is None:  # frame 0 (given its mask) reads nothing
             return
-        geometry = tracker._geometry
+        geometry = tracker.geometry
         snapshot = record.snapshot
         key, shrinkage, frames, positions = snapshot.keys()
         query_key = record.query_key
