@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=480,
                    help="short side of the frames (synthetic: 16:9, 480 -> 480x864; --video is resized to it)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
-                   help="fp32, or autocast bf16/fp16 around each step (default fp32)")
+                   help="fp32, or bf16/fp16: Tracker(precision=...), the network under autocast, the memory in fp32 (default fp32)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network's encode_key / encode_value / decode (warm up accordingly)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
@@ -166,10 +166,14 @@ def run_video(
 ) -> float:
     """Track one video of ``frames`` frames from a fresh memory; returns the seconds spent in ``step``.
 
+    ``precision`` is the tracker's (``Tracker(precision=...)`` runs the network under autocast and
+    keeps the memory in fp32); it is checked, not applied, here.
     ``on_checkpoint(frames_done, seconds_so_far)`` runs after the listed frame counts, off the clock.
     """
     from tqdm import tqdm
 
+    if tracker.precision != precision:
+        raise ValueError(f"the tracker runs in {tracker.precision}, not {precision}")
     tracker.reset()
     if timer is not None:
         timer.attach(tracker)  # reset() made a new memory: wrap its methods too
@@ -177,20 +181,19 @@ def run_video(
     paused = 0.0
     bar = tqdm(total=frames, desc="tracking", unit="frame", disable=None if progress else True, leave=False)
     try:
-        with precision_context(precision, tracker.device):
-            sync()
-            start = time.perf_counter()
-            for t in range(frames):
-                tracker.step(clip.frame(t), clip.first_mask if t == 0 else None, last=t == frames - 1)
-                if progress:
-                    bar.update()
-                if t + 1 in marks and on_checkpoint is not None:
-                    sync()
-                    now = time.perf_counter()
-                    on_checkpoint(t + 1, now - start - paused)
-                    paused += time.perf_counter() - now
-            sync()
-            return time.perf_counter() - start - paused
+        sync()
+        start = time.perf_counter()
+        for t in range(frames):
+            tracker.step(clip.frame(t), clip.first_mask if t == 0 else None, last=t == frames - 1)
+            if progress:
+                bar.update()
+            if t + 1 in marks and on_checkpoint is not None:
+                sync()
+                now = time.perf_counter()
+                on_checkpoint(t + 1, now - start - paused)
+                paused += time.perf_counter() - now
+        sync()
+        return time.perf_counter() - start - paused
     finally:
         bar.close()
         if timer is not None:
@@ -277,7 +280,7 @@ def bench(args: argparse.Namespace) -> dict:
     else:
         clip = synthetic_clip(args.resolution, args.objects, distinct, device, seed=args.seed)
     tracker = Tracker(model, device=device, top_k=args.top_k, mem_every=args.mem_every, size=None,
-                      max_memory_frames=args.max_memory_frames, match_cache_frames=0)
+                      max_memory_frames=args.max_memory_frames, match_cache_frames=0, precision=args.precision)
 
     if args.warmup:
         with compile_errors(args.compile):

@@ -17,12 +17,12 @@ Snapshots
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from corrvos.models.similarity import read_memory, similarity, softmax_affinity
+from corrvos.models.similarity import TopKAffinity, read_topk, similarity, softmax_affinity, topk_affinity
 
 
 @dataclass(frozen=True)
@@ -90,10 +90,142 @@ def valid_index(element_frames: Tensor, birth: int, device: torch.device) -> Ten
 
 
 def group_affinity(sim: Tensor, index: Tensor | None, top_k: int | None) -> Tensor:
-    """Read weights over the elements ``index`` selects (all when None): the read's one softmax rule."""
+    """Dense ``(B, N', M)`` read weights over the elements ``index`` selects (all when None).
+
+    The same rule as the read (:func:`group_topk`), for callers that want an ``N x M`` matrix.
+    """
     if index is not None:
         sim = sim.index_select(1, index)
     return softmax_affinity(sim, top_k)
+
+
+def group_topk(sim: Tensor, index: Tensor | None, top_k: int | None) -> TopKAffinity:
+    """The read's one softmax rule on query-major ``(B, M, N)`` similarities, restricted to the
+    elements ``index`` selects (all when None); the indices returned refer to all N elements."""
+    if index is None:
+        return topk_affinity(sim, top_k)
+    affinity = topk_affinity(sim.index_select(2, index), top_k)
+    return affinity.remap(index, sim.shape[2])
+
+
+class ElementBuffer:
+    """Memory elements in read order, in preallocated tensors that grow geometrically.
+
+    Appending a memory frame writes into spare capacity (amortised O(frame) and no reallocation
+    most of the time, where concatenating would copy the whole memory every memory frame).
+    Values are element-major ``(capacity, K, Cv)`` so that a top-k read gathers contiguous rows.
+    The buffer is private to one memory: snapshots keep their own references to the keys (see
+    :class:`MemorySnapshot`), so the buffer may be modified in place.
+    """
+
+    def __init__(self, shrinkage: bool = False) -> None:
+        self.has_shrinkage = shrinkage
+        self.size = 0
+        self.key: Tensor | None = None  # (1, Ck, capacity)
+        self.shrinkage: Tensor | None = None  # (1, 1, capacity)
+        self.value: Tensor | None = None  # (capacity, K, Cv)
+        self.frames = torch.zeros(0, dtype=torch.long)  # (capacity,) CPU origin frames
+        self.version = 0  # changes with the content (read caches compare it)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.key is None else self.key.shape[2]
+
+    def _allocate(self, like_key: Tensor, like_value: Tensor, channels: int, capacity: int, objects: int) -> None:
+        key = like_key.new_empty(1, like_key.shape[1], capacity)
+        shrinkage = like_key.new_empty(1, 1, capacity) if self.has_shrinkage else None
+        value = like_value.new_zeros(capacity, objects, channels)
+        frames = torch.zeros(capacity, dtype=torch.long)
+        n = self.size
+        if n:
+            key[:, :, :n] = self.key[:, :, :n]
+            if shrinkage is not None:
+                shrinkage[:, :, :n] = self.shrinkage[:, :, :n]
+            value[:n, : self.value.shape[1]] = self.value[:n]
+            frames[:n] = self.frames[:n]
+        self.key, self.shrinkage, self.value, self.frames = key, shrinkage, value, frames
+
+    def ensure_objects(self, objects: int) -> None:
+        """Room for ``objects`` objects (new objects read zeros for the elements stored before them)."""
+        if self.value is not None and self.value.shape[1] < objects:
+            self._allocate(self.key, self.value, self.value.shape[2], self.capacity, objects)
+            self.version += 1
+
+    def append(self, key: Tensor, shrinkage: Tensor | None, value: Tensor, frames: Tensor) -> None:
+        """Add elements: key ``(1, Ck, n)``, shrinkage ``(1, 1, n)``, value ``(K', Cv, n)``
+        (``K'`` <= objects of the buffer), CPU frames ``(n,)``."""
+        n = key.shape[2]
+        start, end = self.size, self.size + n
+        objects = max(value.shape[0], 0 if self.value is None else self.value.shape[1])
+        if self.key is None or end > self.capacity:
+            self._allocate(key, value, value.shape[1], max(end, 2 * self.capacity), objects)
+        else:
+            self.ensure_objects(objects)
+        self.key[:, :, start:end] = key
+        if self.has_shrinkage:
+            self.shrinkage[:, :, start:end] = shrinkage
+        self.value[start:end, : value.shape[0]] = value.permute(2, 0, 1)
+        self.value[start:end, value.shape[0]:] = 0
+        self.frames[start:end] = frames
+        self.size = end
+        self.version += 1
+
+    def remove(self, start: int, end: int) -> None:
+        """Drop elements ``start:end`` (later elements move up; capacity is kept)."""
+        n = self.size
+        tail = n - end
+        if tail > 0:
+            self.key[:, :, start : start + tail] = self.key[:, :, end:n].clone()
+            if self.has_shrinkage:
+                self.shrinkage[:, :, start : start + tail] = self.shrinkage[:, :, end:n].clone()
+            self.value[start : start + tail] = self.value[end:n].clone()
+            self.frames[start : start + tail] = self.frames[end:n].clone()
+        self.size = n - (end - start)
+        self.version += 1
+
+    def assign(self, key: Tensor, shrinkage: Tensor | None, value: Tensor, frames: Tensor) -> None:
+        """Replace the whole content: key ``(1, Ck, N)``, shrinkage ``(1, 1, N)``, value ``(N, K, Cv)``."""
+        self.size = 0
+        n = key.shape[2]
+        if self.key is None or n > self.capacity or value.shape[1] != self.value.shape[1]:
+            self._allocate(key, value, value.shape[2], max(n, self.capacity), value.shape[1])
+        self.key[:, :, :n] = key
+        if self.has_shrinkage:
+            self.shrinkage[:, :, :n] = shrinkage
+        self.value[:n] = value
+        self.frames[:n] = frames
+        self.size = n
+        self.version += 1
+
+    def keys(self) -> Tensor:
+        """``(1, Ck, N)`` view of the keys in read order."""
+        return self.key[:, :, : self.size]
+
+    def shrinkages(self) -> Tensor | None:
+        return None if self.shrinkage is None else self.shrinkage[:, :, : self.size]
+
+    def values(self) -> Tensor:
+        """``(N, K, Cv)`` view of the values in read order (valid until the buffer next changes)."""
+        return self.value[: self.size]
+
+    def element_frames(self) -> Tensor:
+        return self.frames[: self.size]
+
+
+class GroupIndexCache:
+    """Device copies of each birth group's valid-element index, rebuilt only when the memory changes
+    (so a read costs no host-to-device copy and no synchronisation)."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._index: dict[int, Tensor | None] = {}
+
+    def get(self, version: int, element_frames: Tensor, birth: int, device: torch.device) -> Tensor | None:
+        if self._key != (version, device):
+            self._key, self._index = (version, device), {}
+        if birth not in self._index:
+            self._index[birth] = valid_index(element_frames, birth, device)
+        return self._index[birth]
 
 
 def grouped_read(
@@ -102,32 +234,48 @@ def grouped_read(
     element_frames: Tensor,
     births: Sequence[int],
     top_k: int | None,
-) -> tuple[Tensor, Tensor | None]:
+    index_for: Callable[[int], Tensor | None] | None = None,
+) -> tuple[Tensor, TopKAffinity | None]:
     """Read every object's memory, one softmax per birth group.
 
     Args:
-        sim: ``(1, N, M)`` similarities of the N memory elements to the M query positions.
-        values: ``(K, Cv, N)`` stored values (zero where an element precedes the object's birth).
+        sim: ``(1, M, N)`` query-major similarities of the M query positions to the N memory elements.
+        values: ``(N, K, Cv)`` element-major stored values (zero where an element precedes the
+            object's birth).
         element_frames: ``(N,)`` CPU origin frames.
         births: birth frame of each of the K objects.
         top_k: the read's top-k.
+        index_for: ``birth -> valid index on the device`` (a cache); default computes it.
 
     Returns:
-        ``(1, K, Cv, M)`` readout, and the ``(1, N, M)`` affinity of the group that sees every element
+        ``(1, K, Cv, M)`` readout, and the sparse affinity of the group that sees every element
         (the first-frame objects; XMem counts usage with it), or None if no group does.
     """
+    n, k, cv = values.shape
+    m = sim.shape[1]
+    flat_values = values.reshape(1, n, k * cv)
+    groups = birth_groups(births)
     parts = []
     full_affinity = None
-    for birth, first, end in birth_groups(births):
-        index = valid_index(element_frames, birth, sim.device)
-        affinity = group_affinity(sim, index, top_k)
-        group_values = values[first:end]
+    for birth, first, end in groups:
+        index = index_for(birth) if index_for is not None else valid_index(element_frames, birth, sim.device)
+        if index is not None and index.numel() == 0:
+            parts.append(values.new_zeros(1, m, end - first, cv))  # nothing exists yet for these objects
+            continue
         if index is None:
+            affinity = topk_affinity(sim, top_k)
             full_affinity = affinity
+            out = read_topk(affinity, flat_values)
         else:
-            group_values = group_values.index_select(2, index)
-        parts.append(read_memory(affinity, group_values.unsqueeze(0)))
-    return torch.cat(parts, dim=1), full_affinity
+            affinity = topk_affinity(sim.index_select(2, index), top_k)
+            if affinity.indices is None:  # full softmax over the subset: a dense product over it
+                out = read_topk(affinity, flat_values.index_select(1, index))
+            else:
+                out = read_topk(affinity.remap(index, n), flat_values)
+        # Every object's values were gathered (one contiguous row per element); keep this group's.
+        parts.append(out.view(1, m, k, cv)[:, :, first:end])
+    readout = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    return readout.permute(0, 2, 3, 1), full_affinity
 
 
 def snapshot_weights(
@@ -149,13 +297,12 @@ def snapshot_weights(
     """
     key, shrinkage, frames, positions = snapshot.keys()
     selection = None if query_selection is None else query_selection.unsqueeze(0)
-    sim = similarity(key, query_key.unsqueeze(0), shrinkage, selection)
+    sim = similarity(key, query_key.unsqueeze(0), shrinkage, selection, query_major=True)
     index = valid_index(frames, snapshot.births[object_index], sim.device)
-    affinity = group_affinity(sim, index, snapshot.top_k)[0]
-    if index is None:
-        return affinity, frames, positions
-    weights = affinity.new_zeros(frames.numel(), affinity.shape[1]).index_copy_(0, index, affinity)
-    return weights, frames, positions
+    if index is not None and index.numel() == 0:
+        return sim.new_zeros(frames.numel(), sim.shape[1]), frames, positions
+    affinity = group_topk(sim, index, snapshot.top_k)
+    return affinity.dense(frames.numel())[0], frames, positions
 
 
 def pad_objects(values: Tensor, num_objects: int) -> Tensor:

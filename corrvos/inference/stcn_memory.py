@@ -3,20 +3,24 @@
 Upstream STCN grows the bank without bound (a memory frame every ``mem_every`` frames). ``max_frames``
 optionally caps it by dropping the oldest frames that were not given a mask (the annotated frames,
 frame 0 first of all, are the anchors and stay).
+
+The read path works on an :class:`ElementBuffer` (keys and element-major values in preallocated,
+geometrically growing tensors); the per-frame segments kept beside it only hold key references for
+snapshots (:meth:`Tracker.matches`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from corrvos.inference.memory_common import (
+    ElementBuffer,
+    GroupIndexCache,
     MemorySegment,
     MemorySnapshot,
     frame_segment_index,
     grouped_read,
-    pad_objects,
 )
 from corrvos.models.similarity import similarity
 
@@ -24,7 +28,6 @@ from corrvos.models.similarity import similarity
 @dataclass(frozen=True)
 class _MemoryFrame:
     segment: MemorySegment
-    value: Tensor  # (K_at_that_time, Cv, hw)
     protected: bool
 
 
@@ -43,13 +46,14 @@ class STCNMemory:
         self.max_frames = max_frames
         self.births: list[int] = []
         self._frames: list[_MemoryFrame] = []
-        self._cache: tuple[Tensor, Tensor, Tensor] | None = None
+        self._buffer = ElementBuffer()
+        self._groups = GroupIndexCache()
 
     # objects -------------------------------------------------------------------------------------
     def add_objects(self, birth: int, count: int) -> None:
         """Register ``count`` new objects first seen at frame ``birth``."""
         self.births.extend([birth] * count)
-        self._cache = None
+        self._buffer.ensure_objects(self.num_objects)
 
     @property
     def num_objects(self) -> int:
@@ -68,37 +72,37 @@ class STCNMemory:
         hw = key.shape[-2] * key.shape[-1]
         frames, positions = frame_segment_index(frame, hw)
         segment = MemorySegment(key.flatten(2), None, frames, positions)
-        self._frames.append(_MemoryFrame(segment, value[0].flatten(2), protected))
+        self._frames.append(_MemoryFrame(segment, protected))
+        self._buffer.append(segment.key, None, value[0].flatten(2), frames)
+        self._buffer.ensure_objects(self.num_objects)
         if self.max_frames is not None and len(self._frames) > self.max_frames:
+            start = 0
             for i, mem in enumerate(self._frames[:-1]):
+                n = mem.segment.frames.numel()
                 if not mem.protected:
                     del self._frames[i]
+                    self._buffer.remove(start, start + n)
                     break
-        self._cache = None
+                start += n
 
     # reading -------------------------------------------------------------------------------------
-    def _concatenated(self) -> tuple[Tensor, Tensor, Tensor]:
-        if self._cache is None:
-            k = self.num_objects
-            key = torch.cat([m.segment.key for m in self._frames], dim=2)
-            values = torch.cat([pad_objects(m.value, k) for m in self._frames], dim=2)
-            frames = torch.cat([m.segment.frames for m in self._frames])
-            self._cache = (key, values, frames)
-        return self._cache
-
     def read(self, query_key: Tensor, query_selection: Tensor | None = None) -> Tensor:
         """``(1, Ck, h, w)`` query key -> ``(1, K, Cv, h, w)`` readout (selection is unused by STCN)."""
         if not self._frames:
             raise RuntimeError("the memory is empty: give a mask on the first frame")
         h, w = query_key.shape[-2:]
-        key, values, frames = self._concatenated()
-        sim = similarity(key, query_key.flatten(2))
-        readout, _ = grouped_read(sim, values, frames, self.births, self.top_k)
+        buf = self._buffer
+        frames = buf.element_frames()
+        sim = similarity(buf.keys(), query_key.flatten(2), query_major=True)
+        readout, _ = grouped_read(
+            sim, buf.values(), frames, self.births, self.top_k,
+            lambda birth: self._groups.get(buf.version, frames, birth, sim.device),
+        )
         return readout.reshape(1, readout.shape[1], readout.shape[2], h, w)
 
     def values(self) -> Tensor:
-        """``(K, Cv, N)`` stored values in read (and snapshot) order."""
-        return self._concatenated()[1]
+        """``(K, Cv, N)`` stored values in read (and snapshot) order (a view: valid until the next change)."""
+        return self._buffer.values().permute(1, 2, 0)
 
     def snapshot(self) -> MemorySnapshot:
         return MemorySnapshot(tuple(m.segment for m in self._frames), tuple(self.births), self.top_k)
@@ -114,4 +118,4 @@ class STCNMemory:
 
     @property
     def num_elements(self) -> int:
-        return sum(int(m.segment.frames.numel()) for m in self._frames)
+        return self._buffer.size

@@ -11,6 +11,7 @@ per-object validity (see memory_common).
 """
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping, Sequence
@@ -27,6 +28,8 @@ from corrvos.inference.stcn_memory import STCNMemory
 from corrvos.inference.xmem_memory import XMemMemory
 
 DEFAULT_TOP_K = {"stcn": 20, "xmem": 30}
+# Tracker precision -> autocast dtype of the network (None: plain fp32).
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,11 @@ class Tracker:
         max_long_term_elements: XMem memory options (upstream defaults).
         match_cache_frames: how many recent frames :meth:`matches` can explain (their query keys and
             memory snapshots are kept); None keeps every frame, 0 none.
+        precision: "fp32", or "bf16" / "fp16" to run the network (key and value encoders, decoder)
+            under ``torch.autocast``. The memory stays fp32 in every mode: keys, shrinkage, selection,
+            values and the hidden state are stored as fp32, and the similarity, top-k softmax and
+            readout run in fp32 with autocast switched off (low-precision similarities of nearby
+            keys tie and reorder the top-k); soft aggregation runs on fp32 logits.
     """
 
     def __init__(
@@ -154,8 +162,11 @@ class Tracker:
         num_prototypes: int = 128,
         max_long_term_elements: int = 10000,
         match_cache_frames: int | None = 300,
+        precision: str = "fp32",
     ) -> None:
         config = model.config
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         if config.arch not in DEFAULT_TOP_K:
             raise ValueError(f"unknown architecture {config.arch!r}")
         if mem_every < 1:
@@ -179,6 +190,7 @@ class Tracker:
             max_long_term_elements=max_long_term_elements,
         )
         self.match_cache_frames = match_cache_frames
+        self.precision = precision
         self.reset()
 
     # lifecycle ---------------------------------------------------------------------------------------
@@ -273,6 +285,20 @@ class Tracker:
             raise InputError(f"The mask for frame {t} has labels outside 0..255; use object ids 1..255.")
         return mask
 
+    # precision ----------------------------------------------------------------------------------------
+    def _network(self) -> contextlib.AbstractContextManager:
+        """Autocast for the network's calls in bf16/fp16 mode; nothing in fp32."""
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _fp32(self) -> contextlib.AbstractContextManager:
+        """The memory side always runs in fp32, even when the caller wrapped ``step`` in autocast."""
+        if not torch.is_autocast_enabled(self.device.type):
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, enabled=False)
+
     # the per-frame step ------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(
@@ -330,16 +356,22 @@ class Tracker:
 
         mem = self.memory
         need_selection = is_xmem and (self.xmem_options["enable_long_term"] or need_segment)
-        feats = self.model.encode_key(img, need_shrinkage=is_xmem and is_mem_frame, need_selection=need_selection)
+        with self._network():
+            feats = self.model.encode_key(img, need_shrinkage=is_xmem and is_mem_frame, need_selection=need_selection)
+        # The memory side (keys, shrinkage, selection) is fp32 in every precision mode.
+        feats = feats._replace(key=feats.key.float(), shrinkage=_float(feats.shrinkage),
+                               selection=_float(feats.selection))
 
         prob_with_bg: Tensor | None = None
         if need_segment:
-            readout = mem.read(feats.key, feats.selection)
+            with self._fp32():
+                readout = mem.read(feats.key, feats.selection)
             hidden = mem.hidden if is_xmem else None
-            new_hidden, logits = self.model.decode(feats, readout, hidden, update_hidden=is_normal_update)
-            prob_with_bg = torch.softmax(aggregate(torch.sigmoid(logits[0]), dim=0), dim=0)
+            with self._network():
+                new_hidden, logits = self.model.decode(feats, readout, hidden, update_hidden=is_normal_update)
+            prob_with_bg = torch.softmax(aggregate(torch.sigmoid(logits[0].float()), dim=0), dim=0)
             if is_xmem and is_normal_update:
-                mem.hidden = new_hidden
+                mem.hidden = _float(new_hidden)
             self._remember(t, feats, geometry)
 
         if labels is not None:
@@ -355,11 +387,13 @@ class Tracker:
             masks = prob_with_bg[1:].unsqueeze(0)
             others = _others(masks)
             hidden = mem.hidden if is_xmem else None
-            value, new_hidden = self.model.encode_value(img, feats, hidden, masks, others, deep_update=is_deep_update)
+            with self._network():
+                value, new_hidden = self.model.encode_value(img, feats, hidden, masks, others, deep_update=is_deep_update)
+            value = value.float()
             if is_xmem:
                 mem.add(t, feats.key, feats.shrinkage, value, feats.selection)
                 if is_deep_update and new_hidden is not None:
-                    mem.hidden = new_hidden
+                    mem.hidden = _float(new_hidden)
             else:
                 mem.add(t, feats.key, value, protected=labels is not None)
             self.last_mem_t = t
@@ -496,6 +530,10 @@ class Tracker:
             origin_frames=frames,
             origin_positions=positions,
         )
+
+
+def _float(x: Tensor | None) -> Tensor | None:
+    return None if x is None else x.float()
 
 
 def _others(masks: Tensor) -> Tensor:

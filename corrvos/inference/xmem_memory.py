@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 
 from corrvos.inference.memory_common import (
+    ElementBuffer,
+    GroupIndexCache,
     MemorySegment,
     MemorySnapshot,
     birth_groups,
@@ -37,14 +39,13 @@ from corrvos.inference.memory_common import (
     grouped_read,
     pad_objects,
 )
-from corrvos.models.similarity import read_memory, similarity, softmax_affinity
+from corrvos.models.similarity import TopKAffinity, read_memory, similarity, softmax_affinity
 
 
 @dataclass(frozen=True)
 class _WorkingFrame:
     segment: MemorySegment
     selection: Tensor | None  # (1, Ck, hw)
-    value: Tensor  # (K_at_that_time, Cv, hw)
 
 
 class _LongTermMemory:
@@ -141,7 +142,10 @@ class XMemMemory:
         self._use_count: Tensor | None = None  # (N_wm,) aligned with the concatenated WM
         self._life_count: Tensor | None = None
         self.long_term = _LongTermMemory()
-        self._cache: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        # What the read uses: [long-term, working] elements (values included) in one growing buffer;
+        # the per-frame segments above only keep key references for snapshots.
+        self._buffer = ElementBuffer(shrinkage=True)
+        self._groups = GroupIndexCache()
         self.consolidations = 0
 
     # objects and sensory memory -------------------------------------------------------------------
@@ -151,7 +155,7 @@ class XMemMemory:
         ``feature_like`` is any ``(1, C, h, w)`` stride-16 tensor of the video (sets size and device).
         """
         self.births.extend([birth] * count)
-        self._cache = None
+        self._buffer.ensure_objects(self.num_objects)
         if self.hidden_dim > 0:
             h, w = feature_like.shape[-2:]
             zeros = feature_like.new_zeros(1, count, self.hidden_dim, h, w)
@@ -174,8 +178,9 @@ class XMemMemory:
         frames, positions = frame_segment_index(frame, hw)
         segment = MemorySegment(key.flatten(2), shrinkage.flatten(2), frames, positions)
         kept_selection = selection.flatten(2) if (self.enable_long_term and selection is not None) else None
-        self._working.append(_WorkingFrame(segment, kept_selection, value[0].flatten(2)))
-        self._cache = None
+        self._working.append(_WorkingFrame(segment, kept_selection))
+        self._buffer.append(segment.key, segment.shrinkage, value[0].flatten(2), frames)
+        self._buffer.ensure_objects(self.num_objects)
         if self.enable_long_term:
             new_use = key.new_zeros(hw)
             new_life = key.new_full((hw,), 1e-7)
@@ -185,24 +190,45 @@ class XMemMemory:
                 self._use_count = torch.cat([self._use_count, new_use])
                 self._life_count = torch.cat([self._life_count, new_life])
             if len(self._working) >= self.max_working_frames:
+                lt_before = self.long_term.size
+                working_values = self._buffer.values()[lt_before:].clone()  # (N_wm, K, Cv); the buffer is rebuilt
                 if self.long_term.size >= self.max_long_term_elements - self.num_prototypes:
                     self.long_term.remove_least_used(self.max_long_term_elements - self.num_prototypes)
-                self._consolidate(hw)
+                removed = self._consolidate(hw, working_values)
+                if removed is not None:
+                    lo, hi = removed
+                    working_values = torch.cat([working_values[:lo], working_values[hi:]])
+                self._rebuild_buffer(working_values)
 
-    def _consolidate(self, hw: int) -> None:
+    def _rebuild_buffer(self, working_values: Tensor) -> None:
+        """Lay out [long-term, working] again after the long-term memory changed."""
+        k = self.num_objects
+        segs = self._segments()
+        values = [working_values]
+        if len(segs) > len(self._working):
+            values.insert(0, pad_objects(self.long_term.value, k).permute(2, 0, 1))
+        self._buffer.assign(
+            torch.cat([s.key for s in segs], dim=2),
+            torch.cat([s.shrinkage for s in segs], dim=2),
+            torch.cat(values, dim=0),
+            torch.cat([s.frames for s in segs]),
+        )
+
+    def _consolidate(self, hw: int, working_values: Tensor) -> tuple[int, int] | None:
+        """Turn the candidate WM frames into prototypes; returns the rows ``(lo, hi)`` of
+        ``working_values`` (``(N_wm, K, Cv)``, the WM values before) that left WM, if any."""
         # Candidates: every WM frame but the first memory frame and the newest min_working_frames - 1.
         first, end = 1, len(self._working) - (self.min_working_frames - 1)
         candidates = self._working[first:end]
         if not candidates:
-            return
-        k = self.num_objects
+            return None
         cand_key = torch.cat([c.segment.key for c in candidates], dim=2)
         cand_shrinkage = torch.cat([c.segment.shrinkage for c in candidates], dim=2)
         cand_selection = torch.cat([c.selection for c in candidates], dim=2)
-        cand_value = torch.cat([pad_objects(c.value, k) for c in candidates], dim=2)
         cand_frames = torch.cat([c.segment.frames for c in candidates])
         cand_positions = torch.cat([c.segment.positions for c in candidates])
         lo, hi = first * hw, end * hw
+        cand_value = working_values[lo:hi].permute(1, 2, 0)  # (K, Cv, Nc)
         usage = self._use_count[lo:hi] / self._life_count[lo:hi]
 
         proto_key, proto_shrinkage, proto_value, chosen = potentiate(
@@ -216,8 +242,8 @@ class XMemMemory:
         self._working = self._working[:first] + self._working[end:]
         self._use_count = torch.cat([self._use_count[:lo], self._use_count[hi:]])
         self._life_count = torch.cat([self._life_count[:lo], self._life_count[hi:]])
-        self._cache = None
         self.consolidations += 1
+        return lo, hi
 
     # reading ---------------------------------------------------------------------------------------
     def _segments(self) -> list[MemorySegment]:
@@ -226,38 +252,27 @@ class XMemMemory:
             segs.insert(0, self.long_term.segment())
         return segs
 
-    def _concatenated(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        if self._cache is None:
-            k = self.num_objects
-            segs = self._segments()
-            values = [pad_objects(w.value, k) for w in self._working]
-            if len(segs) > len(self._working):
-                values.insert(0, pad_objects(self.long_term.value, k))
-            self._cache = (
-                torch.cat([s.key for s in segs], dim=2),
-                torch.cat([s.shrinkage for s in segs], dim=2),
-                torch.cat(values, dim=2),
-                torch.cat([s.frames for s in segs]),
-            )
-        return self._cache
-
     def read(self, query_key: Tensor, query_selection: Tensor | None) -> Tensor:
         """``(1, Ck, h, w)`` query key and selection -> ``(1, K, Cv, h, w)`` readout; counts usage."""
         if not self._working:
             raise RuntimeError("the memory is empty: give a mask on the first frame")
         h, w = query_key.shape[-2:]
-        key, shrinkage, values, frames = self._concatenated()
+        buf = self._buffer
+        frames = buf.element_frames()
         selection = None if query_selection is None else query_selection.flatten(2)
-        sim = similarity(key, query_key.flatten(2), shrinkage, selection)
-        readout, full_affinity = grouped_read(sim, values, frames, self.births, self.top_k)
+        sim = similarity(buf.keys(), query_key.flatten(2), buf.shrinkages(), selection, query_major=True)
+        readout, full_affinity = grouped_read(
+            sim, buf.values(), frames, self.births, self.top_k,
+            lambda birth: self._groups.get(buf.version, frames, birth, sim.device),
+        )
         if self.enable_long_term:
-            self._count_usage(full_affinity)
+            self._count_usage(full_affinity, buf.size)
         return readout.reshape(1, readout.shape[1], readout.shape[2], h, w)
 
-    def _count_usage(self, affinity: Tensor | None) -> None:
+    def _count_usage(self, affinity: TopKAffinity | None, num_elements: int) -> None:
         if affinity is None:
             raise RuntimeError("usage needs an object that sees every memory element (a first-frame object)")
-        usage = affinity[0].sum(dim=1)
+        usage = affinity.element_sums(num_elements)[0]
         lt = self.long_term.size
         self._use_count += usage[lt:]
         self._life_count += 1
@@ -266,8 +281,9 @@ class XMemMemory:
             self.long_term.life_count += 1
 
     def values(self) -> Tensor:
-        """``(K, Cv, N)`` stored values in read (and snapshot) order: long-term first, then working."""
-        return self._concatenated()[2]
+        """``(K, Cv, N)`` stored values in read (and snapshot) order: long-term first, then working
+        (a view: valid until the memory next changes)."""
+        return self._buffer.values().permute(1, 2, 0)
 
     def snapshot(self) -> MemorySnapshot:
         return MemorySnapshot(tuple(self._segments()), tuple(self.births), self.top_k)

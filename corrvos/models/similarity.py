@@ -5,14 +5,23 @@ losses PCL/OCL), the correspondence metrics and the app's heatmaps all call thes
 the weight a person sees in a heatmap is exactly the weight the model used.
 
 Shapes: memory keys ``(B, C, N)`` and query keys ``(B, C, M)``; similarities and affinities are
-``(B, N, M)`` with the softmax taken over the memory axis (dim 1).
+``(B, N, M)`` with the softmax taken over the memory axis (dim 1). ``similarity(...,
+query_major=True)`` gives the same numbers laid out ``(B, M, N)``: the memory axis is then the
+contiguous one, which is what the inference read wants (:func:`topk_affinity` takes the top-k along
+it and :func:`read_topk` gathers only the k selected values per query instead of multiplying a
+dense, mostly-zero ``N x M`` affinity).
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+
+def _needs_graph(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def similarity(
@@ -20,6 +29,8 @@ def similarity(
     query_key: Tensor,
     mem_shrinkage: Tensor | None = None,
     query_selection: Tensor | None = None,
+    *,
+    query_major: bool = False,
 ) -> Tensor:
     """Negative squared L2 similarity between every memory and every query position.
 
@@ -34,23 +45,43 @@ def similarity(
         query_key: ``(B, C, M)`` query keys.
         mem_shrinkage: optional ``(B, 1, N)`` XMem shrinkage term (>= 1).
         query_selection: optional ``(B, C, M)`` XMem selection term in (0, 1).
+        query_major: return ``(B, M, N)`` instead of ``(B, N, M)``. Both layouts evaluate the same
+            expression element by element (the products are the same dot products), so they agree
+            exactly on the CPU and to rounding elsewhere.
 
     Returns:
-        ``(B, N, M)`` similarities.
+        ``(B, N, M)`` similarities, or ``(B, M, N)`` with ``query_major``.
     """
     channels = mem_key.shape[1]
-    mem_t = mem_key.transpose(1, 2)  # (B, N, C)
-    if query_selection is not None:
-        a_sq = mem_t.pow(2) @ query_selection
-        two_ab = 2 * (mem_t @ (query_key * query_selection))
-        b_sq = (query_selection * query_key.pow(2)).sum(1, keepdim=True)
-        sim = two_ab - a_sq - b_sq
+    # Without autograd the elementwise steps run in place: the same values, but no fresh N x M
+    # temporaries (each one a page-faulting allocation on the CPU and a memory pass on any device).
+    inplace = not _needs_graph(mem_key, query_key, mem_shrinkage, query_selection)
+    if query_major:
+        mem_side, query_side, mem_axis = mem_key, query_key.transpose(1, 2), 2  # (B, C, N), (B, M, C)
     else:
-        a_sq = mem_key.pow(2).sum(1).unsqueeze(2)
-        sim = 2 * (mem_t @ query_key) - a_sq
+        mem_side, query_side, mem_axis = mem_key.transpose(1, 2), query_key, 1  # (B, N, C), (B, C, M)
+
+    def product(mem_term: Tensor, query_term: Tensor) -> Tensor:
+        # query_term is (B, C, M); mem_term is laid out like mem_side
+        return mem_term @ query_term if not query_major else query_term.transpose(1, 2) @ mem_term
+
+    if query_selection is not None:
+        a_sq = product(mem_side.pow(2), query_selection)
+        two_ab = product(mem_side, query_key * query_selection)
+        b_sq = (query_selection * query_key.pow(2)).sum(1).unsqueeze(mem_axis)
+        if inplace:
+            sim = two_ab.mul_(2).sub_(a_sq).sub_(b_sq)
+        else:
+            sim = 2 * two_ab - a_sq - b_sq
+    else:
+        a_sq = mem_key.pow(2).sum(1).unsqueeze(3 - mem_axis)
+        ab = product(mem_side, query_key)
+        sim = ab.mul_(2).sub_(a_sq) if inplace else 2 * ab - a_sq
     if mem_shrinkage is not None:
-        sim = sim * mem_shrinkage.reshape(sim.shape[0], -1, 1)
-    return sim / math.sqrt(channels)
+        shrink = mem_shrinkage.reshape(sim.shape[0], 1, -1) if query_major else mem_shrinkage.reshape(sim.shape[0], -1, 1)
+        sim = sim.mul_(shrink) if inplace else sim * shrink
+    scale = math.sqrt(channels)
+    return sim.div_(scale) if inplace else sim / scale
 
 
 def softmax_affinity(sim: Tensor, top_k: int | None = None) -> Tensor:
@@ -60,6 +91,8 @@ def softmax_affinity(sim: Tensor, top_k: int | None = None) -> Tensor:
     similarities per query keep weight (the MiVOS/STCN/XMem inference trick) and the rest are 0.
     The maximum is subtracted before ``exp`` in both cases: mathematically the same normalised
     weights as upstream (which exponentiates the top-k values directly), but safe in half precision.
+    This dense form is what training uses; inference reads with the equivalent sparse
+    :func:`topk_affinity` + :func:`read_topk`.
     """
     if top_k is None or top_k >= sim.shape[1]:
         return torch.softmax(sim, dim=1)
@@ -80,3 +113,73 @@ def read_memory(affinity: Tensor, mem_value: Tensor) -> Tensor:
         out = mem_value.reshape(b, k * d, n) @ affinity
         return out.reshape(b, k, d, -1)
     return mem_value @ affinity
+
+
+class TopKAffinity(NamedTuple):
+    """Sparse read weights: for each query, ``weights[b, m, j]`` goes to memory element ``indices[b, m, j]``.
+
+    ``indices`` is None when every element keeps weight (no top-k, or k >= N): ``weights`` is then
+    the dense ``(B, M, N)`` softmax.
+    """
+
+    weights: Tensor  # (B, M, k) or (B, M, N)
+    indices: Tensor | None  # (B, M, k) int64
+
+    def dense(self, num_elements: int) -> Tensor:
+        """The same weights as :func:`softmax_affinity` gives: ``(B, N, M)``."""
+        if self.indices is None:
+            return self.weights.transpose(1, 2)
+        b, m, _ = self.weights.shape
+        out = self.weights.new_zeros(b, m, num_elements).scatter_(2, self.indices, self.weights)
+        return out.transpose(1, 2)
+
+    def element_sums(self, num_elements: int) -> Tensor:
+        """``(B, N)``: each memory element's weight summed over the queries (XMem's usage)."""
+        if self.indices is None:
+            return self.weights.sum(1)
+        b = self.weights.shape[0]
+        out = self.weights.new_zeros(b, num_elements)
+        return out.scatter_add_(1, self.indices.flatten(1), self.weights.flatten(1))
+
+    def remap(self, index: Tensor, num_elements: int) -> "TopKAffinity":
+        """Weights over a subset (``index`` selected the elements) -> weights over all ``num_elements``."""
+        if self.indices is None:
+            b, m, _ = self.weights.shape
+            expanded = index.view(1, 1, -1).expand(b, m, -1)
+            return TopKAffinity(self.weights, expanded)
+        return TopKAffinity(self.weights, index[self.indices])
+
+
+def topk_affinity(sim: Tensor, top_k: int | None = None) -> TopKAffinity:
+    """:func:`softmax_affinity` for query-major ``(B, M, N)`` similarities, kept sparse.
+
+    Same rule (the k largest similarities per query, softmax over them with the maximum subtracted),
+    but the top-k runs along the contiguous memory axis and nothing is scattered into an ``N x M``
+    matrix. ``top_k=None`` or ``k >= N`` gives the full softmax (dense weights, no indices).
+    """
+    if top_k is None or top_k >= sim.shape[2]:
+        return TopKAffinity(torch.softmax(sim, dim=2), None)
+    values, indices = torch.topk(sim, k=top_k, dim=2)
+    return TopKAffinity(torch.softmax(values, dim=2), indices)
+
+
+def read_topk(affinity: TopKAffinity, mem_value: Tensor) -> Tensor:
+    """:func:`read_memory` for sparse weights and element-major values.
+
+    Args:
+        affinity: from :func:`topk_affinity`, ``(B, M, k)`` weights and indices.
+        mem_value: ``(B, N, D)`` values, one row per memory element (``D`` may be objects x channels
+            flattened): each query gathers its k rows (contiguous reads) and sums them weighted.
+
+    Returns:
+        ``(B, M, D)`` readout: ``out[b, m] = sum_j weights[b, m, j] * mem_value[b, indices[b, m, j]]``.
+    """
+    weights, indices = affinity
+    if indices is None:
+        return weights @ mem_value
+    b, n, d = mem_value.shape
+    m, k = weights.shape[1:]
+    flat = indices if b == 1 else indices + (torch.arange(b, device=indices.device) * n).view(b, 1, 1)
+    gathered = mem_value.reshape(b * n, d).index_select(0, flat.reshape(-1)).view(b * m, k, d)
+    out = torch.bmm(weights.reshape(b * m, 1, k).to(gathered.dtype), gathered)
+    return out.view(b, m, d)

@@ -52,6 +52,7 @@ YouTube-VOS divides it by 5. Curricula: ``curriculum_max_skip("stcn" | "xmem", i
 """
 from __future__ import annotations
 
+from corrvos.training.framestore import FrameStore
 from corrvos.training.layouts import VideoSequence, find_sequences, unpack_compact
 from corrvos.training.proposals import ProposalCache, load_proposals
 from corrvos.training.samples import (SKIP_CURRICULUM, ClipConfig, ClipDataset, ClipSampler, ConcatClips, SampleKey,
@@ -60,7 +61,8 @@ from corrvos.training.static_dataset import StaticClips
 from corrvos.training.video_dataset import VideoClips, sample_frames_stcn, sample_frames_xmem
 
 __all__ = [
-    "SKIP_CURRICULUM", "ClipConfig", "ClipDataset", "ClipSampler", "ConcatClips", "ProposalCache", "SampleKey",
+    "SKIP_CURRICULUM", "ClipConfig", "ClipDataset", "ClipSampler", "ConcatClips", "FrameStore", "ProposalCache",
+    "SampleKey",
     "StaticClips", "VideoClips", "VideoSequence", "curriculum_max_skip", "find_sequences", "load_proposals",
     "sample_frames_stcn", "sample_frames_xmem", "sample_rng", "unpack_compact", "worker_init_fn",
 ]

@@ -17,11 +17,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from corrvos.imageops import normalize
+from corrvos.imageops import IMAGENET_MEAN, IMAGENET_STD
 from corrvos.training import augment as A
 from corrvos.training.schedule import max_skip_at
 
@@ -225,18 +226,36 @@ class WarpedClip:
     frame_indices: list[int] = field(default_factory=list)
 
 
-def apply_colors(ops: Sequence[A.ColorOps], image: np.ndarray) -> torch.Tensor:
-    """uint8 frame -> float (3, H, W) in [0, 1] after the colour ops, in order (sequence-level first)."""
-    x = A.to_tensor_image(image)
+_NORM_MATRIX = np.concatenate([np.diag(1.0 / np.array(IMAGENET_STD)),
+                               (-np.array(IMAGENET_MEAN) / np.array(IMAGENET_STD))[:, None]], 1).astype(np.float32)
+
+
+def apply_colors(ops: Sequence[A.ColorOps], image: np.ndarray) -> np.ndarray:
+    """uint8 ``HxWx3`` frame -> ImageNet-normalised float32 ``HxWx3`` after the colour ops (sequence-level first).
+
+    Same values as ``corrvos.imageops.normalize`` of the [0, 1] image; done here with one OpenCV
+    colour-matrix pass because this runs for every frame of every training sample.
+    """
+    x = A.to_float_rgb(image)
     for op in ops:
         x = op(x)
-    return x
+    return cv2.transform(x, _NORM_MATRIX)
+
+
+def to_chw_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
+    """``HxWx3`` float32 arrays -> one contiguous ``(N, 3, H, W)`` tensor (a single copy)."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def present_ids(labels: np.ndarray, min_pixels: int = 1) -> list[int]:
+    """Non-zero label ids with at least ``min_pixels`` pixels, ascending (a histogram, not a sort)."""
+    counts = np.bincount(labels.ravel(), minlength=1)
+    return [int(i) for i in np.flatnonzero(counts >= min_pixels) if i != 0]
 
 
 def candidate_objects(labels0: np.ndarray, min_pixels: int) -> list[int]:
     """Object ids of frame 0 that cover at least ``min_pixels`` pixels."""
-    ids, counts = np.unique(labels0, return_counts=True)
-    return [int(i) for i, c in zip(ids, counts) if i != 0 and c >= min_pixels]
+    return present_ids(labels0, max(1, min_pixels))
 
 
 def select_proposals(rng: np.random.Generator, boxes: np.ndarray, crop: int, config: ClipConfig) -> np.ndarray:
@@ -264,7 +283,7 @@ def assemble(clip: WarpedClip, objects: list[int], rng: np.random.Generator, con
     selector = np.zeros(k_max, np.float32)
     selector[:n_obj] = 1
 
-    present = [int(i) for i in np.unique(labels) if i != 0]
+    present = present_ids(labels)
     annotated = list(object_ids[:n_obj]) + [i for i in present if i not in objects[:k_max]]
     annotated = annotated[: config.max_annotated]
     object_boxes = np.full((t_count, config.max_annotated, 4), -1.0, np.float32)
@@ -279,7 +298,7 @@ def assemble(clip: WarpedClip, objects: list[int], rng: np.random.Generator, con
         boxes[t, : len(b)] = b
         num_boxes[t] = len(b)
 
-    rgb = torch.stack([normalize(apply_colors(c, im)) for c, im in zip(clip.colors, clip.images)])
+    rgb = to_chw_tensor([apply_colors(c, im) for c, im in zip(clip.colors, clip.images)])
     sample = {
         "rgb": rgb,
         "masks": torch.from_numpy(masks),
@@ -297,7 +316,7 @@ def assemble(clip: WarpedClip, objects: list[int], rng: np.random.Generator, con
     if config.second_view:
         g = A.random_second_view(rng, s, config.view_side_scale)
         view2 = A.warp_image(clip.images[0], g, (s, s), config.interpolation)
-        sample["view2_rgb"] = normalize(apply_colors(clip.colors[0], view2))
+        sample["view2_rgb"] = to_chw_tensor([apply_colors(clip.colors[0], view2)])[0]
         sample["view2_theta"] = torch.from_numpy(A.grid_theta(g, (s, s))).float()
         sample["view2_theta_inv"] = torch.from_numpy(A.grid_theta(np.linalg.inv(g), (s, s))).float()
     return sample

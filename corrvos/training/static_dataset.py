@@ -11,18 +11,30 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from corrvos.errors import DatasetError
 from corrvos.training import augment as A
+from corrvos.training.framestore import FrameStore
 from corrvos.training.layouts import find_sequences, read_labels, read_rgb
 from corrvos.training.proposals import ProposalCache, load_proposals
 from corrvos.training.samples import (ClipConfig, ClipDataset, WarpedClip, assemble, candidate_objects,
-                                      select_proposals)
+                                      present_ids, select_proposals)
 
-ImageSource = str | os.PathLike | np.ndarray
+
+@dataclass(frozen=True)
+class FrameRef:
+    """Frame ``row`` of sequence ``seq`` of a :class:`FrameStore`: image and mask of a static item in one."""
+
+    store: FrameStore
+    seq: int
+    row: int
+
+
+ImageSource = str | os.PathLike | np.ndarray | FrameRef
 StaticItem = tuple[ImageSource, ImageSource] | tuple[ImageSource, ImageSource, str | None]
 
 
@@ -68,11 +80,21 @@ class StaticClips(ClipDataset):
         items = [(f, m, k) for s in seqs for f, m, k in list(zip(s.frames, s.masks, s.keys))[::every]]
         return cls(items, **kwargs)
 
+    @classmethod
+    def from_store(cls, store: FrameStore, sequences: Sequence[str] | None = None, every: int = 1,
+                   **kwargs) -> "StaticClips":
+        """Every ``every``-th frame of a :class:`FrameStore` (decoded once, memory-mapped) as a static image."""
+        items = [(ref, ref, key) for i in store.select(sequences)
+                 for ref, key in [(FrameRef(store, i, r), k) for r, k in enumerate(store.sequences[i].keys)][::every]]
+        return cls(items, **kwargs)
+
     def __len__(self) -> int:
         return len(self.items)
 
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray, str | None]:
         image, mask, key = self.items[index]
+        if isinstance(image, FrameRef):
+            return image.store.rgb(image.seq)[image.row], image.store.labels(image.seq)[image.row], key
         image = read_rgb(image) if not isinstance(image, np.ndarray) else image
         labels = read_labels(mask) if not isinstance(mask, np.ndarray) else mask.astype(np.uint8)
         if image.shape[:2] != labels.shape:
@@ -84,7 +106,7 @@ class StaticClips(ClipDataset):
         s = cfg.crop_size
         image, all_labels, key = self._load(index)
         h, w = all_labels.shape
-        ids = [int(i) for i in np.unique(all_labels) if i != 0]
+        ids = present_ids(all_labels)
         # One object per clip: the others become background (upstream static data is single-object).
         labels = (all_labels == ids[int(rng.integers(len(ids)))]).astype(np.uint8) if ids else all_labels * 0
         source_boxes = np.zeros((0, 4))

@@ -67,6 +67,9 @@ class TrainOptions:
     workers: int = 4
     resume: bool = False
     load: str | None = None
+    start_iteration: int = 0  # with load: continue the schedule there (fresh optimiser; see _start_at)
+    frame_cache: str | None = None  # decode the data once into this folder (framestore.py)
+    snapshot_every: int = 0  # fp16 weights OUT/snapshots/weights_%08d.safetensors every N iterations
     imagenet: bool = False
     proposals: str | None = None
     repeats: list[int] | None = None
@@ -266,6 +269,8 @@ class Trainer:
         )
         self.iteration = 0
         self.dataset = dataset if dataset is not None else self._build_dataset()
+        if opts.start_iteration and not opts.resume:
+            self._start_at(opts.start_iteration)
 
         # Every rank seeds differently from here on (loss sampling, XMem memory choice), reproducibly.
         random.seed(opts.seed + self.rank)
@@ -296,6 +301,18 @@ class Trainer:
                                  crop_size=self.crop, second_view=self.loss_config.pcl and self.opts.cross_view,
                                  **interp)
 
+    def _frame_store(self, root: str):
+        """The decoded frames of ``root`` under ``--frame-cache`` (rank 0 decodes, the others wait)."""
+        from corrvos.training.framestore import FrameStore, store_folder
+
+        folder = store_folder(self.opts.frame_cache, root, self.opts.split)
+        if self.is_main:
+            store = FrameStore.open_or_build(root, folder, self.opts.split, self.opts.sequences,
+                                             workers=max(1, self.opts.workers), progress=self.opts.progress)
+        if self.world > 1:
+            dist.barrier()
+        return store if self.is_main else FrameStore(folder)
+
     def _build_dataset(self):
         from corrvos.training.datasets import ConcatClips, StaticClips, VideoClips
         from corrvos.training.layouts import find_sequences
@@ -306,7 +323,13 @@ class Trainer:
             print("note: no --proposals file: the object-level loss uses annotated objects only")
         parts = []
         for root in self.opts.data:
-            if self.opts.stage == "static":
+            if self.opts.frame_cache:
+                store = self._frame_store(root)
+                if self.opts.stage == "static":
+                    parts.append(StaticClips.from_store(store, config=cfg, proposals=proposals, seed=self.opts.seed))
+                else:
+                    parts.append(VideoClips(store, cfg, proposals=proposals, seed=self.opts.seed))
+            elif self.opts.stage == "static":
                 try:
                     find_sequences(root, self.opts.split, self.opts.sequences)
                     parts.append(StaticClips.from_video_layout(root, self.opts.split, self.opts.sequences, config=cfg,
@@ -318,6 +341,25 @@ class Trainer:
         if len(parts) == 1 and not self.opts.repeats:
             return parts[0]
         return ConcatClips(parts, self.opts.repeats, seed=self.opts.seed)
+
+    def _start_at(self, iteration: int) -> None:
+        """Continue a schedule at ``iteration`` from ``--load`` weights, with a fresh optimiser state.
+
+        For runs whose full checkpoint could not be kept (e.g. only the fp16 weights of a time-boxed
+        job came back): the LR (MultiStepLR), bootstrapping, alpha warm-up, skip curriculum and data
+        stream are pure functions of the iteration and continue exactly; Adam's moments restart
+        from zero, so the first steps after the restart differ from an uninterrupted run.
+        """
+        import bisect
+
+        if not 0 <= iteration <= self.iters:
+            raise ValueError(f"--start-iteration {iteration} is outside the run's 0..{self.iters} iterations")
+        drops = bisect.bisect_right(sorted(self.scheduler.milestones.elements()), iteration)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * self.preset.gamma ** drops
+        self.scheduler.last_epoch = iteration
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        self.iteration = iteration
 
     def _loader(self) -> DataLoader:
         from corrvos.training.datasets import ClipSampler, worker_init_fn
@@ -472,6 +514,8 @@ class Trainer:
                                 tb.add_scalar(f"train/{k}", v, it)
                 if opts.save_every and it % opts.save_every == 0 and it < self.iters:
                     self.save_checkpoint()
+                if opts.snapshot_every and (it % opts.snapshot_every == 0 or it == self.iters):
+                    self.save_snapshot()
                 if opts.eval_every and opts.eval_data and it % opts.eval_every == 0:
                     self._evaluate(log, tb)
                 if stop_at is not None and it >= stop_at and it < self.iters:
@@ -485,14 +529,26 @@ class Trainer:
         self.save_checkpoint()
         return self.save_final()
 
+    def save_snapshot(self) -> Path | None:
+        """fp16 weights of the current iteration in ``OUT/snapshots/`` (rank 0; atomic; kept for later choice)."""
+        from corrvos import save_model
+
+        if not self.is_main:
+            return None
+        path = self.out / "snapshots" / f"weights_{self.iteration:08d}.safetensors"
+        save_model(self.net, path, extra_metadata=self._weights_metadata(), dtype=torch.float16)
+        return path
+
+    def _weights_metadata(self) -> dict[str, Any]:
+        return {"stage": self.opts.stage, "iterations": self.iteration, "stage_iters": self.iters,
+                "corr": ",".join(sorted(self.opts.corr)), "train_options": self.opts.to_json()}
+
     def save_final(self) -> Path:
         from corrvos import save_model
 
         path = self.out / FINAL_NAME
         if self.is_main:
-            meta = {"stage": self.opts.stage, "iterations": self.iteration, "corr": ",".join(sorted(self.opts.corr)),
-                    "train_options": self.opts.to_json()}
-            save_model(self.net, path, extra_metadata=meta)
+            save_model(self.net, path, extra_metadata=self._weights_metadata())
         if self.world > 1:
             dist.barrier()
         return path

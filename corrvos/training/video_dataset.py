@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from corrvos.training import augment as A
+from corrvos.training.framestore import FrameStore, StoredSequence
 from corrvos.training.layouts import VideoSequence, find_sequences, read_labels, read_rgb
 from corrvos.training.proposals import ProposalCache, load_proposals
 from corrvos.training.samples import (ClipConfig, ClipDataset, WarpedClip, assemble, candidate_objects,
@@ -52,25 +53,43 @@ class VideoClips(ClipDataset):
     ``ProposalCache``); without it the ``boxes`` of a sample are all padding.
     """
 
-    def __init__(self, root: str | os.PathLike, config: ClipConfig | None = None, split: str = "train",
+    def __init__(self, root: str | os.PathLike | FrameStore, config: ClipConfig | None = None, split: str = "train",
                  sequences: Sequence[str] | str | None = None, proposals: ProposalCache | str | os.PathLike | None = None,
                  seed: int = 0, max_skip: int = 5, cache_dir: str | os.PathLike | None = None):
         super().__init__(config or ClipConfig(), seed, max_skip)
-        seqs = find_sequences(root, split, sequences, cache_dir)
-        self.sequences: list[VideoSequence] = [s for s in seqs if len(s.frames) >= self.config.num_frames]
+        count = self.config.num_frames
+        self.store = root if isinstance(root, FrameStore) else None
+        if self.store is not None:
+            # Decoded frames (framestore.py): the store already holds the split; ``sequences`` narrows it.
+            names = [sequences] if isinstance(sequences, str) else sequences
+            rows = [i for i in self.store.select(names) if len(self.store.sequences[i]) >= count]
+            self._store_rows = rows
+            self.sequences: list[VideoSequence | StoredSequence] = [self.store.sequences[i] for i in rows]
+        else:
+            seqs = find_sequences(root, split, sequences, cache_dir)
+            self.sequences = [s for s in seqs if len(s.frames) >= count]
         if not self.sequences:
             from corrvos.errors import DatasetError
 
-            raise DatasetError(f"No sequence under {root} has {self.config.num_frames} annotated frames; "
+            raise DatasetError(f"No sequence under {root} has {count} annotated frames; "
                                "use more sequences or fewer frames per clip.")
         self.proposals = load_proposals(proposals) if isinstance(proposals, (str, os.PathLike)) else proposals
 
     def __len__(self) -> int:
         return len(self.sequences)
 
-    def _frame_indices(self, rng: np.random.Generator, seq: VideoSequence, max_skip: int) -> list[int]:
+    def _read(self, index: int, idx: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The clip's frames and label maps (from the store: views into its memory maps, no copy)."""
+        if self.store is not None:
+            row = self._store_rows[index]
+            rgb, labels = self.store.rgb(row), self.store.labels(row)
+            return [rgb[i] for i in idx], [labels[i] for i in idx]
+        seq = self.sequences[index]
+        return [read_rgb(seq.frames[i]) for i in idx], [read_labels(seq.masks[i]) for i in idx]
+
+    def _frame_indices(self, rng: np.random.Generator, seq: VideoSequence | StoredSequence, max_skip: int) -> list[int]:
         skip = max(1, max_skip // seq.skip_divisor)
-        n, count = len(seq.frames), self.config.num_frames
+        n, count = len(seq.keys), self.config.num_frames
         if self.config.frame_sampling == "xmem":
             idx = sample_frames_xmem(rng, n, count, skip)
         else:
@@ -82,8 +101,7 @@ class VideoClips(ClipDataset):
         s = cfg.crop_size
         for _ in range(cfg.max_trials):
             idx = self._frame_indices(rng, seq, max_skip)
-            images = [read_rgb(seq.frames[i]) for i in idx]
-            labels = [read_labels(seq.masks[i]) for i in idx]
+            images, labels = self._read(index, idx)
             h, w = labels[0].shape
 
             # Sequence level: flip + RandomResizedCrop (one matrix for the whole clip).
