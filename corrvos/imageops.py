@@ -6,6 +6,8 @@ never disagree about them.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -36,10 +38,19 @@ def to_float_image(image: np.ndarray | Tensor) -> Tensor:
     return image.float()
 
 
+@functools.lru_cache(maxsize=16)
+def _mean_std(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    # Cached per device: building them from Python floats is a blocking host-to-device copy, which
+    # would synchronise a GPU tracker on every frame. Normal (not inference) tensors, usable anywhere.
+    with torch.inference_mode(False):
+        mean = torch.tensor(IMAGENET_MEAN, device=device, dtype=dtype).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=device, dtype=dtype).view(3, 1, 1)
+    return mean, std
+
+
 def normalize(image: Tensor) -> Tensor:
     """ImageNet-normalise a ``(..., 3, H, W)`` float image in [0, 1]."""
-    mean = torch.tensor(IMAGENET_MEAN, device=image.device, dtype=image.dtype).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=image.device, dtype=image.dtype).view(3, 1, 1)
+    mean, std = _mean_std(image.device, image.dtype)
     return (image - mean) / std
 
 

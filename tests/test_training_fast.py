@@ -7,7 +7,6 @@ fp16 snapshots in the trainer, the recipe's pair synchronisation and resume plan
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from corrvos.models.similarity import TopKAffinity, read_topk, similarity, softmax_affinity, topk_affinity
+from corrvos.models.similarity import TopKAffinity, Workspace, read_topk, similarity, softmax_affinity, topk_affinity
 
 
 @dataclass(frozen=True)
@@ -235,6 +235,7 @@ def grouped_read(
     births: Sequence[int],
     top_k: int | None,
     index_for: Callable[[int], Tensor | None] | None = None,
+    workspace: Workspace | None = None,
 ) -> tuple[Tensor, TopKAffinity | None]:
     """Read every object's memory, one softmax per birth group.
 
@@ -246,6 +247,7 @@ def grouped_read(
         births: birth frame of each of the K objects.
         top_k: the read's top-k.
         index_for: ``birth -> valid index on the device`` (a cache); default computes it.
+        workspace: reusable storage for the gathered values.
 
     Returns:
         ``(1, K, Cv, M)`` readout, and the sparse affinity of the group that sees every element
@@ -265,13 +267,13 @@ def grouped_read(
         if index is None:
             affinity = topk_affinity(sim, top_k)
             full_affinity = affinity
-            out = read_topk(affinity, flat_values)
+            out = read_topk(affinity, flat_values, workspace)
         else:
             affinity = topk_affinity(sim.index_select(2, index), top_k)
             if affinity.indices is None:  # full softmax over the subset: a dense product over it
                 out = read_topk(affinity, flat_values.index_select(1, index))
             else:
-                out = read_topk(affinity.remap(index, n), flat_values)
+                out = read_topk(affinity.remap(index, n), flat_values, workspace)
         # Every object's values were gathered (one contiguous row per element); keep this group's.
         parts.append(out.view(1, m, k, cv)[:, :, first:end])
     readout = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)

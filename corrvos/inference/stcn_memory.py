@@ -22,7 +22,7 @@ from corrvos.inference.memory_common import (
     frame_segment_index,
     grouped_read,
 )
-from corrvos.models.similarity import similarity
+from corrvos.models.similarity import Workspace, similarity
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class STCNMemory:
         self._frames: list[_MemoryFrame] = []
         self._buffer = ElementBuffer()
         self._groups = GroupIndexCache()
+        self._workspace = Workspace()  # the read's similarity and gathered values, reused every frame
 
     # objects -------------------------------------------------------------------------------------
     def add_objects(self, birth: int, count: int) -> None:
@@ -93,10 +94,10 @@ class STCNMemory:
         h, w = query_key.shape[-2:]
         buf = self._buffer
         frames = buf.element_frames()
-        sim = similarity(buf.keys(), query_key.flatten(2), query_major=True)
+        sim = similarity(buf.keys(), query_key.flatten(2), query_major=True, workspace=self._workspace)
         readout, _ = grouped_read(
             sim, buf.values(), frames, self.births, self.top_k,
-            lambda birth: self._groups.get(buf.version, frames, birth, sim.device),
+            lambda birth: self._groups.get(buf.version, frames, birth, sim.device), self._workspace,
         )
         return readout.reshape(1, readout.shape[1], readout.shape[2], h, w)
 

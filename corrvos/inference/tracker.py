@@ -390,12 +390,13 @@ class Tracker:
             with self._network():
                 value, new_hidden = self.model.encode_value(img, feats, hidden, masks, others, deep_update=is_deep_update)
             value = value.float()
-            if is_xmem:
-                mem.add(t, feats.key, feats.shrinkage, value, feats.selection)
-                if is_deep_update and new_hidden is not None:
-                    mem.hidden = _float(new_hidden)
-            else:
-                mem.add(t, feats.key, value, protected=labels is not None)
+            with self._fp32():  # XMem's consolidation computes similarities too
+                if is_xmem:
+                    mem.add(t, feats.key, feats.shrinkage, value, feats.selection)
+                else:
+                    mem.add(t, feats.key, value, protected=labels is not None)
+            if is_xmem and is_deep_update and new_hidden is not None:
+                mem.hidden = _float(new_hidden)
             self.last_mem_t = t
 
         out = unpad(prob_with_bg, geometry.pad)

@@ -39,7 +39,7 @@ from corrvos.inference.memory_common import (
     grouped_read,
     pad_objects,
 )
-from corrvos.models.similarity import TopKAffinity, read_memory, similarity, softmax_affinity
+from corrvos.models.similarity import TopKAffinity, Workspace, read_memory, similarity, softmax_affinity
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,7 @@ class XMemMemory:
         # the per-frame segments above only keep key references for snapshots.
         self._buffer = ElementBuffer(shrinkage=True)
         self._groups = GroupIndexCache()
+        self._workspace = Workspace()  # the read's similarity and gathered values, reused every frame
         self.consolidations = 0
 
     # objects and sensory memory -------------------------------------------------------------------
@@ -260,10 +261,10 @@ class XMemMemory:
         buf = self._buffer
         frames = buf.element_frames()
         selection = None if query_selection is None else query_selection.flatten(2)
-        sim = similarity(buf.keys(), query_key.flatten(2), buf.shrinkages(), selection, query_major=True)
+        sim = similarity(buf.keys(), query_key.flatten(2), buf.shrinkages(), selection, query_major=True, workspace=self._workspace)
         readout, full_affinity = grouped_read(
             sim, buf.values(), frames, self.births, self.top_k,
-            lambda birth: self._groups.get(buf.version, frames, birth, sim.device),
+            lambda birth: self._groups.get(buf.version, frames, birth, sim.device), self._workspace,
         )
         if self.enable_long_term:
             self._count_usage(full_affinity, buf.size)

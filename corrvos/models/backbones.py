@@ -97,10 +97,11 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        # In place on fresh intermediate tensors (autograd-safe: none is saved for backward).
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = self.bn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + identity)
+        return F.relu(out.add_(identity), inplace=True)
 
 
 class ValueResNet(nn.Module):

@@ -36,6 +36,11 @@ def fold_objects(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     """Apply a 4-D ``fn`` to a 4-D tensor, or to a 5-D group tensor with K folded into the batch."""
     if x.dim() == 5:
         b, k = x.shape[:2]
+        if k == 1:
+            # select/unsqueeze keep a channels-last tensor's batch stride; flatten/view of two size-1
+            # dims would give it stride C, which upsampling and convolutions then take for NCHW and
+            # copy (measured: decode 150 -> 134 ms/frame for stcn-s at 480p, one thread).
+            return fn(x.select(1, 0)).unsqueeze(1)
         out = fn(x.flatten(0, 1))
         return out.view(b, k, *out.shape[1:])
     return fn(x)
@@ -56,10 +61,11 @@ class ResBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_dim, out_dim, 3, padding=1)
 
     def _forward(self, x: Tensor) -> Tensor:
-        r = self.conv2(F.relu(self.conv1(F.relu(x))))
+        # In place on fresh convolution outputs (autograd-safe: neither is saved for backward).
+        r = self.conv2(F.relu(self.conv1(F.relu(x)), inplace=True))
         if self.downsample is not None:
             x = self.downsample(x)
-        return x + r
+        return r.add_(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return fold_objects(self._forward, x)
@@ -138,7 +144,7 @@ class UpsampleBlock(nn.Module):
         up = fold_objects(
             lambda t: F.interpolate(t, scale_factor=2.0, mode="bilinear", align_corners=False), up
         )
-        return self.out_conv(up + skip)
+        return self.out_conv(up.add_(skip))
 
 
 class KeyProjection(nn.Module):

@@ -24,6 +24,31 @@ def _needs_graph(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+class Workspace:
+    """Storage reused from one inference read to the next for its large temporaries.
+
+    An ``N x M`` similarity of a 480p frame against a few memory frames is tens of MiB; allocating
+    it afresh every frame costs as much as computing it on the CPU (the kernel maps and zeroes new
+    pages: 18 of the 37 ms of a 1620 x 6480 similarity, one thread). A tensor handed out by
+    :meth:`get` aliases the storage and is valid until the next request for the same slot.
+    """
+
+    def __init__(self) -> None:
+        self._slots: dict[str, Tensor] = {}
+
+    def get(self, slot: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        numel = math.prod(shape)
+        buf = self._slots.get(slot)
+        if buf is None or buf.device != like.device or buf.dtype != like.dtype:
+            buf = None
+        if buf is None or buf.numel() < numel:
+            # Some headroom: the memory, and so the similarity, grows by a frame at a time.
+            grown = numel if buf is None else max(numel, buf.numel() * 3 // 2)
+            buf = like.new_empty(grown)
+            self._slots[slot] = buf
+        return buf[:numel].view(shape)
+
+
 def similarity(
     mem_key: Tensor,
     query_key: Tensor,
@@ -31,6 +56,7 @@ def similarity(
     query_selection: Tensor | None = None,
     *,
     query_major: bool = False,
+    workspace: Workspace | None = None,
 ) -> Tensor:
     """Negative squared L2 similarity between every memory and every query position.
 
@@ -48,6 +74,8 @@ def similarity(
         query_major: return ``(B, M, N)`` instead of ``(B, N, M)``. Both layouts evaluate the same
             expression element by element (the products are the same dot products), so they agree
             exactly on the CPU and to rounding elsewhere.
+        workspace: without autograd, write the result into this reusable storage (it is then valid
+            until the workspace's next similarity); same values.
 
     Returns:
         ``(B, N, M)`` similarities, or ``(B, M, N)`` with ``query_major``.
@@ -55,19 +83,27 @@ def similarity(
     channels = mem_key.shape[1]
     # Without autograd the elementwise steps run in place: the same values, but no fresh N x M
     # temporaries (each one a page-faulting allocation on the CPU and a memory pass on any device).
-    inplace = not _needs_graph(mem_key, query_key, mem_shrinkage, query_selection)
-    if query_major:
-        mem_side, query_side, mem_axis = mem_key, query_key.transpose(1, 2), 2  # (B, C, N), (B, M, C)
-    else:
-        mem_side, query_side, mem_axis = mem_key.transpose(1, 2), query_key, 1  # (B, N, C), (B, C, M)
+    # Only where every intermediate has one dtype (no autocast, no mixed inputs): in place, a
+    # low-precision product would not be promoted as the out-of-place expression promotes it.
+    given = [t for t in (mem_key, query_key, mem_shrinkage, query_selection) if t is not None]
+    inplace = (
+        not _needs_graph(*given)
+        and not torch.is_autocast_enabled(mem_key.device.type)
+        and all(t.dtype == mem_key.dtype for t in given)
+    )
+    # The memory operand of the products and the axis the memory runs along in the result.
+    mem_side, mem_axis = (mem_key, 2) if query_major else (mem_key.transpose(1, 2), 1)
 
-    def product(mem_term: Tensor, query_term: Tensor) -> Tensor:
+    def product(mem_term: Tensor, query_term: Tensor, slot: str) -> Tensor:
         # query_term is (B, C, M); mem_term is laid out like mem_side
-        return mem_term @ query_term if not query_major else query_term.transpose(1, 2) @ mem_term
+        a, b = (mem_term, query_term) if not query_major else (query_term.transpose(1, 2), mem_term)
+        if workspace is None or not inplace or a.dim() != 3 or a.shape[0] != b.shape[0]:
+            return a @ b
+        return torch.bmm(a, b, out=workspace.get(slot, (a.shape[0], a.shape[1], b.shape[2]), a))
 
     if query_selection is not None:
-        a_sq = product(mem_side.pow(2), query_selection)
-        two_ab = product(mem_side, query_key * query_selection)
+        a_sq = product(mem_side.pow(2), query_selection, "similarity_aux")
+        two_ab = product(mem_side, query_key * query_selection, "similarity")
         b_sq = (query_selection * query_key.pow(2)).sum(1).unsqueeze(mem_axis)
         if inplace:
             sim = two_ab.mul_(2).sub_(a_sq).sub_(b_sq)
@@ -75,7 +111,7 @@ def similarity(
             sim = 2 * two_ab - a_sq - b_sq
     else:
         a_sq = mem_key.pow(2).sum(1).unsqueeze(3 - mem_axis)
-        ab = product(mem_side, query_key)
+        ab = product(mem_side, query_key, "similarity")
         sim = ab.mul_(2).sub_(a_sq) if inplace else 2 * ab - a_sq
     if mem_shrinkage is not None:
         shrink = mem_shrinkage.reshape(sim.shape[0], 1, -1) if query_major else mem_shrinkage.reshape(sim.shape[0], -1, 1)
@@ -163,13 +199,14 @@ def topk_affinity(sim: Tensor, top_k: int | None = None) -> TopKAffinity:
     return TopKAffinity(torch.softmax(values, dim=2), indices)
 
 
-def read_topk(affinity: TopKAffinity, mem_value: Tensor) -> Tensor:
+def read_topk(affinity: TopKAffinity, mem_value: Tensor, workspace: Workspace | None = None) -> Tensor:
     """:func:`read_memory` for sparse weights and element-major values.
 
     Args:
         affinity: from :func:`topk_affinity`, ``(B, M, k)`` weights and indices.
         mem_value: ``(B, N, D)`` values, one row per memory element (``D`` may be objects x channels
             flattened): each query gathers its k rows (contiguous reads) and sums them weighted.
+        workspace: reusable storage for the gathered rows (inference, no autograd).
 
     Returns:
         ``(B, M, D)`` readout: ``out[b, m] = sum_j weights[b, m, j] * mem_value[b, indices[b, m, j]]``.
@@ -180,6 +217,11 @@ def read_topk(affinity: TopKAffinity, mem_value: Tensor) -> Tensor:
     b, n, d = mem_value.shape
     m, k = weights.shape[1:]
     flat = indices if b == 1 else indices + (torch.arange(b, device=indices.device) * n).view(b, 1, 1)
-    gathered = mem_value.reshape(b * n, d).index_select(0, flat.reshape(-1)).view(b * m, k, d)
+    rows = mem_value.reshape(b * n, d)
+    if workspace is not None and not _needs_graph(mem_value, weights):
+        gathered = torch.index_select(rows, 0, flat.reshape(-1), out=workspace.get("gather", (b * m * k, d), rows))
+    else:
+        gathered = rows.index_select(0, flat.reshape(-1))
+    gathered = gathered.view(b * m, k, d)
     out = torch.bmm(weights.reshape(b * m, 1, k).to(gathered.dtype), gathered)
     return out.view(b, m, d)
