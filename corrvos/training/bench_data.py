@@ -1,6 +1,6 @@
 """Data-pipeline throughput: training samples per second of ONE process on one core.
 
-    python -m corrvos.training.bench_data --data ../shared/data/davis2016 --proposals data/proposals_d16_train.npz \\
+    python -m corrvos.training.bench_data --data ../shared/data/davis2016 --proposals resources/proposals_davis2016_train.npz \\
         --kinds stcn xmem static --samples 60 [--frame-cache /tmp/d16-frames]
 
 Builds the datasets the trainer would build (``Trainer._clip_config`` presets: STCN 3 frames / 2 objects /

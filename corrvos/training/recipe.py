@@ -2,7 +2,7 @@
 
     # here: the data the GPU machine needs (DAVIS-2016 train, ~35 MB), into a git-ignored folder
     python -m corrvos.training.recipe pack --data ../shared/data/davis2016 \\
-        --proposals data/proposals_d16_train.npz --out .carry/d16train
+        --proposals resources/proposals_davis2016_train.npz --out .carry/d16train
     # there (scripts/gpu_train_shipped.sh runs this): train, then write the results to $OUT
     python3 -m corrvos.training.recipe run --data .carry/d16train --out "$OUT" --budget-s 540
 
