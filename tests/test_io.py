@@ -350,3 +350,23 @@ def test_shared_davis2016(davis2016_root):
     assert np.array_equal(seq.masks[0], (raw > 127).astype(np.uint8))
     with pytest.raises(DatasetError, match="is missing"):
         read_shared_sequence(davis2016_root, "no-such-sequence")
+
+
+def test_decord_import_keeps_cv2_png_reading(tmp_path):
+    # decord's bundled zlib/libpng broke cv2.imread of PNGs when decord was loaded first; the reader must
+    # load OpenCV before it. A fresh interpreter, because the import order is process-wide.
+    import subprocess
+    import sys
+
+    pytest.importorskip("decord")
+    png = tmp_path / "x.png"
+    cv2_mod = pytest.importorskip("cv2")
+    cv2_mod.imwrite(str(png), np.full((8, 8, 3), 200, np.uint8))
+    code = (
+        "import sys\n"
+        "from corrvos.io.video import _have_decord\n"
+        "assert _have_decord()\n"
+        "import cv2\n"
+        f"sys.exit(0 if cv2.imread({str(png)!r}) is not None else 3)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0

@@ -55,9 +55,22 @@ def _quiet_native_stderr() -> Iterator[None]:
         os.close(saved)
 
 
+def _import_decord():
+    """Import decord, loading OpenCV first.
+
+    decord ships its own zlib/libpng; imported before cv2 it wins the symbol lookup and every later
+    ``cv2.imread`` of a PNG fails ("libpng error: bad parameters to zlib"). cv2 first keeps both working.
+    """
+    import cv2  # noqa: F401
+
+    import decord
+
+    return decord
+
+
 def _have_decord() -> bool:
     try:
-        import decord  # noqa: F401
+        _import_decord()
     except ImportError:
         return False
     return True
@@ -101,7 +114,7 @@ class VideoFrames(Sequence[np.ndarray]):
         )
 
     def _open_decord(self) -> None:
-        import decord
+        decord = _import_decord()
 
         decord.logging.set_level(decord.logging.QUIET)
         try:
