@@ -28,8 +28,8 @@ import numpy as np
 
 from corrvos.errors import DatasetError, InputError
 from corrvos.eval.metrics import boundary_f, jaccard, object_statistics
+from corrvos.io.davis import VOID_LABEL, read_split_file
 
-VOID_LABEL = 255
 YEARS = ("2016", "2017")
 GLOBAL_COLUMNS = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
 SEQUENCE_COLUMNS = ("Sequence", "J-Mean", "F-Mean")
@@ -85,20 +85,12 @@ class DavisSplit:
 def _sequences_from_imagesets(root: Path, year: str, split: str) -> list[str]:
     names_file = root / "ImageSets" / year / f"{split}.txt"
     if names_file.is_file():
-        names = [line.strip() for line in names_file.read_text().splitlines()]
-        return [n for n in names if n]
-    # DAVIS-2016 ships frame lists instead ("/JPEGImages/480p/<seq>/00000.jpg /Annotations/..."):
-    # keep each sequence once, in order of first appearance (alphabetical in the official files).
+        return read_split_file(names_file)
+    # DAVIS-2016 ships frame lists instead ("/JPEGImages/480p/<seq>/00000.jpg /Annotations/..."); the file
+    # order (alphabetical in the official files) is kept so the CSV rows come out in the official order.
     frame_list = root / "ImageSets" / "480p" / f"{split}.txt"
     if year == "2016" and frame_list.is_file():
-        seen: dict[str, None] = {}
-        for line in frame_list.read_text().splitlines():
-            parts = line.split()
-            if parts:
-                pieces = parts[0].strip("/").split("/")
-                if len(pieces) >= 3:
-                    seen.setdefault(pieces[2], None)
-        return list(seen)
+        return read_split_file(frame_list)
     raise DatasetError(
         f"no sequence list for the {split!r} split of DAVIS-{year} in {root} (looked for {names_file}"
         + (f" and {frame_list}" if year == "2016" else "")

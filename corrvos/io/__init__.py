@@ -3,6 +3,7 @@ from corrvos.io.davis import (
     SharedSequence,
     annotation_paths,
     davis_sequences,
+    read_split_file,
     frame_paths,
     read_annotation,
     read_shared_sequence,
@@ -32,7 +33,7 @@ from corrvos.io.video import (
 
 __all__ = [
     "PALETTE", "ImageFolderFrames", "LoadedFrames", "SharedSequence", "VideoFrames", "VideoWriter",
-    "annotation_paths", "check_mask", "colorize", "davis_palette", "davis_sequences", "frame_paths",
+    "annotation_paths", "check_mask", "colorize", "davis_palette", "davis_sequences", "read_split_file", "frame_paths",
     "iter_video", "load_frames", "read_annotation", "read_davis2016_mask", "read_frame_folder", "read_mask",
     "read_shared_sequence", "read_video", "read_zip_of_frames", "video_fps", "write_mask", "write_video",
 ]

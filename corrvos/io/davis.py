@@ -26,6 +26,21 @@ PathLike = str | os.PathLike
 VOID_LABEL = 255  # DAVIS-2017 marks uncertain pixels 255; the semi-supervised protocol counts them as background
 
 
+def read_split_file(path: PathLike) -> list[str]:
+    """Sequence names of a split file in order of first appearance.
+
+    Accepts one name per line (``ImageSets/2016|2017/<split>.txt``, YouTube-VOS-style lists) and the
+    DAVIS-2016 frame lists (``ImageSets/480p/<split>.txt``: ``/JPEGImages/480p/<seq>/00000.jpg ...``).
+    """
+    names: dict[str, None] = {}
+    for line in Path(path).read_text().splitlines():
+        parts = line.split()
+        if parts:
+            first = parts[0]
+            names.setdefault(Path(first).parent.name if first.startswith("/JPEGImages/") else first, None)
+    return list(names)
+
+
 def davis_sequences(root: PathLike, split: str = "val", year: int = 2016) -> list[str]:
     """Sequence names of a DAVIS split, sorted.
 
@@ -37,16 +52,10 @@ def davis_sequences(root: PathLike, split: str = "val", year: int = 2016) -> lis
     root = Path(root)
     listing = root / "ImageSets" / str(year) / f"{split}.txt"
     if listing.is_file():
-        return sorted({line.strip() for line in listing.read_text().splitlines() if line.strip()})
+        return sorted(read_split_file(listing))
     frame_list = root / "ImageSets" / "480p" / f"{split}.txt"
     if year == 2016 and frame_list.is_file():
-        names = set()
-        for line in frame_list.read_text().splitlines():
-            parts = line.split()
-            if parts:
-                # "/JPEGImages/480p/<seq>/00000.jpg" -> <seq>
-                names.add(Path(parts[0]).parent.name)
-        return sorted(names)
+        return sorted(read_split_file(frame_list))
     raise DatasetError(
         f"the DAVIS-{year} split list {listing} is missing; point the root at a DAVIS-{year} folder "
         "that has ImageSets/ (for the shared copy run ../shared/data/davis2016/unpack.py)."

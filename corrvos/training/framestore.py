@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from corrvos.errors import DatasetError
-from corrvos.training.layouts import (_requested, _split_names, find_sequences, is_compact, read_labels,
+from corrvos.training.layouts import (_requested, compact_names, find_sequences, is_compact, read_labels,
                                       read_rgb)
 
 INDEX_NAME = "index.json"
@@ -220,7 +220,7 @@ def _plan(root: Path, folder: Path, split: str, sequences, short_side: int | Non
     """One job per sequence: (kind, root, name, frame paths, mask paths, skip divisor, folder, short side)."""
     wanted = _requested(sequences)
     if is_compact(root):
-        names = wanted or _split_names(root, split) or sorted(p.stem for p in (root / "videos").glob("*.mp4"))
+        names = wanted or compact_names(root, split)
         jobs = [("compact", str(root), n, (), (), 1, str(folder), short_side) for n in names]
     else:
         seqs = find_sequences(root, split, wanted, cache_dir)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from corrvos.errors import DatasetError
+from corrvos.io.davis import read_split_file
 from corrvos.io.video import natural_key, read_video
 
 PathLike = str | os.PathLike
@@ -81,35 +82,27 @@ def read_labels(path: PathLike) -> np.ndarray:
         raise DatasetError(f"Cannot read the mask {path} ({err}); check that it is a valid PNG.") from None
 
 
-def _read_names(path: Path) -> list[str]:
-    """Sequence names from a split file: one name per line, or DAVIS-2016 ``/JPEGImages/480p/<seq>/x.jpg`` lines."""
-    names: list[str] = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        first = line.split()[0]
-        name = first.split("/")[3] if first.startswith("/JPEGImages/") else first
-        if name not in names:
-            names.append(name)
-    return names
-
-
 def _requested(sequences: list[str] | PathLike | None) -> list[str] | None:
     if sequences is None:
         return None
     if isinstance(sequences, (str, os.PathLike)) and Path(sequences).is_file():
-        return _read_names(Path(sequences))
+        return read_split_file(sequences)
     if isinstance(sequences, (str, os.PathLike)):
         raise DatasetError(f"The sequence list {sequences} does not exist; pass an existing text file or a list of names.")
     return list(sequences)
 
 
-def _split_names(root: Path, split: str) -> list[str] | None:
+def split_names(root: Path, split: str) -> list[str] | None:
+    """The split's sequence list (ImageSets/2017, 2016 or 480p), None when the folder has none."""
     for rel in (f"ImageSets/2017/{split}.txt", f"ImageSets/2016/{split}.txt", f"ImageSets/480p/{split}.txt"):
         if (root / rel).is_file():
-            return _read_names(root / rel)
+            return read_split_file(root / rel)
     return None
+
+
+def compact_names(root: Path, split: str) -> list[str]:
+    """Sequences of the compact copy: the split's list, else every video it holds."""
+    return split_names(root, split) or sorted(p.stem for p in (root / "videos").glob("*.mp4"))
 
 
 def _pair_frames(name: str, image_dir: Path, mask_dir: Path, divisor: int) -> VideoSequence | None:
@@ -133,12 +126,12 @@ def find_sequences(root: PathLike, split: str = "train", sequences: list[str] | 
     root = Path(root)
     wanted = _requested(sequences)
     if is_compact(root):
-        names = wanted or _split_names(root, split) or sorted(p.stem for p in (root / "videos").glob("*.mp4"))
+        names = wanted or compact_names(root, split)
         out = unpack_compact(root, Path(cache_dir or default_cache_dir()) / f"{root.name}-unpacked", names)
         return find_sequences(out, split, names)
     if (root / "JPEGImages" / "480p").is_dir():
         image_root, mask_root, divisor = root / "JPEGImages" / "480p", root / "Annotations" / "480p", 1
-        names = wanted or _split_names(root, split)
+        names = wanted or split_names(root, split)
     elif (root / "JPEGImages").is_dir():
         image_root, mask_root, divisor = root / "JPEGImages", root / "Annotations", 5
         names = wanted
@@ -201,7 +194,7 @@ def compact_frames(root: PathLike, split: str = "train", sequences: list[str] | 
                    skip: set[str] | frozenset[str] = frozenset()):
     """Yield ``(key, rgb)`` for every annotated frame of the compact copy not in ``skip``, decoding each video once."""
     root = Path(root)
-    names = _requested(sequences) or _split_names(root, split) or sorted(p.stem for p in (root / "videos").glob("*.mp4"))
+    names = _requested(sequences) or compact_names(root, split)
     for name in names:
         stems = [p.stem for p in sorted((root / "Annotations" / "480p" / name).glob("*.png"))
                  if f"{name}/{p.stem}" not in skip]
@@ -217,5 +210,5 @@ def compact_frames(root: PathLike, split: str = "train", sequences: list[str] | 
 def compact_keys(root: PathLike, split: str = "train", sequences: list[str] | PathLike | None = None) -> list[str]:
     """Frame keys of the compact copy without decoding anything (the masks name the frames)."""
     root = Path(root)
-    names = _requested(sequences) or _split_names(root, split) or sorted(p.stem for p in (root / "videos").glob("*.mp4"))
+    names = _requested(sequences) or compact_names(root, split)
     return [f"{n}/{p.stem}" for n in names for p in sorted((root / "Annotations" / "480p" / n).glob("*.png"))]

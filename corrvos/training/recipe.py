@@ -95,11 +95,11 @@ def pack(data: Path, proposals: Path | None, out: Path, split: str = "train",
     import numpy as np
     from PIL import Image
 
-    from corrvos.training.layouts import _split_names, is_compact, read_labels
+    from corrvos.training.layouts import is_compact, read_labels, split_names
 
     if not is_compact(data):
         raise DatasetError(f"{data} is not the compact DAVIS-2016 copy (videos/ + Annotations/480p/).")
-    names = sequences or _split_names(data, split)
+    names = sequences or split_names(data, split)
     if not names:
         raise DatasetError(f"{data} has no ImageSets list for split {split!r}.")
     (out / "videos").mkdir(parents=True, exist_ok=True)
