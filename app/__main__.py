@@ -16,7 +16,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--checkpoints", type=Path, default=None,
                     help="checkpoint folder (default: $CORRVOS_CHECKPOINTS or ./checkpoints)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    ap.add_argument("--size", type=int, default=480, help="processing size (shorter side, default 480); 0 = input size")
+    ap.add_argument("--size", type=int, default=None,
+                    help="processing size (shorter side; default: each checkpoint's training scale, 240 for the shipped "
+                         "models, 480 for upstream ones); 0 = input size")
     ap.add_argument("--max-frames", type=int, default=None, help="frame cap (default 100 on CPU, 1500 on GPU)")
     ap.add_argument("--max-file-size", default="500mb", help="upload size limit (default 500mb)")
     args = ap.parse_args(argv)
@@ -24,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     kwargs = {}
     if args.checkpoints is not None:
         kwargs["checkpoints"] = args.checkpoints
-    config = AppConfig(device=args.device or default_device(), size=args.size or None, max_frames=args.max_frames, **kwargs)
+    config = AppConfig(device=args.device or default_device(), size="auto" if args.size is None else (args.size or None), max_frames=args.max_frames, **kwargs)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from app.ui import build_demo
 

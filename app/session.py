@@ -40,7 +40,9 @@ class AppConfig:
 
     checkpoints: Path = field(default_factory=lambda: Path(os.environ.get("CORRVOS_CHECKPOINTS", REPO / "checkpoints")))
     device: str = field(default_factory=default_device)
-    size: int | None = 480  # processing size given to the Tracker (shorter side); None = input size
+    # Processing size given to the Tracker (shorter side): "auto" = each checkpoint's training scale
+    # (model.preferred_size: 240 for the shipped models, 480 for upstream files); None = input size.
+    size: int | str | None = "auto"
     max_frames: int | None = None  # None: FRAME_CAP for the device
     preview_every: int = 5
     max_sessions: int = 4
@@ -240,7 +242,8 @@ def propagate_runs(session: Session, models: dict[str, object], config: AppConfi
         gens = {}
         for slot, model in models.items():
             # Every frame stays explainable by a click (keys + memory snapshots; about 0.4 MB per 480p frame).
-            tracker = Tracker(model, device=config.device, size=config.size, match_cache_frames=None)
+            size = model.preferred_size if config.size == "auto" else config.size
+            tracker = Tracker(model, device=config.device, size=size, match_cache_frames=None)
             if direction == 1:
                 session.runs[slot].forward = tracker
             else:

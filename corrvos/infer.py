@@ -43,9 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="where the model runs (default: cuda when available, else cpu)")
-    p.add_argument("--size", type=int, default=480,
-                   help="internal processing size of the short side; -1 keeps the input size (default: 480). "
-                        "Masks are always written at the input size")
+    p.add_argument("--size", type=int, default=None,
+                   help="internal processing size of the short side; -1 keeps the input size (default: the "
+                        "checkpoint's training scale, 480 for upstream models). Masks are always written at the input size")
     p.add_argument("--mem-every", type=int, default=5,
                    help="add a frame to the memory every N frames (default: 5)")
     p.add_argument("--top-k", type=int, default=None,
@@ -92,7 +92,7 @@ def _compact_labels(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _validate_args(args: argparse.Namespace) -> None:
-    if args.size != -1 and args.size < 16:
+    if args.size is not None and args.size != -1 and args.size < 16:
         raise InputError(f"--size {args.size} is too small; use a short side of at least 16 pixels, or -1 for the input size.")
     if args.mem_every < 1:
         raise InputError(f"--mem-every must be at least 1, not {args.mem_every}.")
@@ -132,8 +132,9 @@ def run(args: argparse.Namespace) -> Path:
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda was asked for but no CUDA GPU is available here; use --device cpu.")
     model = corrvos.load_model(args.checkpoint, device=device)
+    size = model.preferred_size if args.size is None else (None if args.size == -1 else args.size)
     tracker = corrvos.Tracker(
-        model, device=device, top_k=args.top_k, mem_every=args.mem_every, size=None if args.size == -1 else args.size,
+        model, device=device, top_k=args.top_k, mem_every=args.mem_every, size=size,
         match_cache_frames=0,  # the CLI never asks for matches: keep no per-frame caches for them
     )
 

@@ -20,7 +20,8 @@ SIZE = (160, 96)  # (width, height): 854x480 scaled down; the tracker then runs 
 def make_clip(davis_root: Path, out: Path, frames: int = 6, size: tuple[int, int] = SIZE) -> tuple[Path, Path, Path]:
     """First ``frames`` frames of a DAVIS-2016 val clip as a small H.264 mp4, its first-frame mask as a
     palette PNG, and a folder of ground-truth masks (00000.png ...). Returns (video, mask, gt folder)."""
-    from corrvos.io.masks import read_davis2016_mask, write_mask
+    from corrvos.io.davis import read_annotation
+    from corrvos.io.masks import write_mask
     from corrvos.io.video import VideoFrames, VideoWriter
 
     out.mkdir(parents=True, exist_ok=True)
@@ -32,7 +33,7 @@ def make_clip(davis_root: Path, out: Path, frames: int = 6, size: tuple[int, int
     gt = out / "gt"
     gt.mkdir(exist_ok=True)
     for t in range(frames):
-        m = read_davis2016_mask(davis_root / "Annotations" / "480p" / SEQ / f"{t:05d}.png")
+        m = read_annotation(davis_root / "Annotations" / "480p" / SEQ / f"{t:05d}.png")
         write_mask(gt / f"{t:05d}.png", cv2.resize(m, size, interpolation=cv2.INTER_NEAREST))
     return path, gt / "00000.png", gt
 

@@ -17,6 +17,7 @@ from corrvos.models.checkpoint import (
     infer_config,
     load_model,
     model_from_config,
+    preferred_size,
     read_checkpoint,
     save_model,
 )
@@ -170,6 +171,21 @@ def test_safetensors_round_trip_fp32_and_fp16(tmp_path, name):
             assert torch.equal(got, value), key
     # Atomic write: no temporary files are left next to the checkpoints.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m16.safetensors", "m32.safetensors"]
+
+
+def test_preferred_size_follows_the_training_crop(tmp_path):
+    # The upstream ratio 480p inference / 384 crops carried over to other crops; explicit metadata wins.
+    assert preferred_size({}) == 480
+    assert preferred_size({"train_options": json.dumps({"crop": 192})}) == 240
+    assert preferred_size({"train_options": json.dumps({"crop": 384})}) == 480
+    assert preferred_size({"train_options": json.dumps({"crop": 200})}) == 256  # 250 -> nearest multiple of 16
+    assert preferred_size({"train_options": json.dumps({"crop": None})}) == 480
+    assert preferred_size({"train_options": "not json"}) == 480
+    assert preferred_size({"processing_size": "320", "train_options": json.dumps({"crop": 192})}) == 320
+    path = save_model(build_model("stcn-s"), tmp_path / "m.safetensors", dtype=torch.float16,
+                      extra_metadata={"train_options": {"crop": 192, "batch": 4}})
+    assert load_model(path).preferred_size == 240
+    assert build_model("stcn-s").preferred_size == 480
 
 
 def test_small_variant_fp16_files_are_at_most_16_mib(tmp_path):

@@ -18,7 +18,6 @@ from corrvos.io import (
     iter_video,
     load_frames,
     read_annotation,
-    read_davis2016_mask,
     read_frame_folder,
     read_mask,
     read_shared_sequence,
@@ -86,7 +85,7 @@ def test_read_mask_grayscale_davis2016_and_label_maps(tmp_path):
     binary[5:15, 5:25] = 255
     got = read_mask(_save_png(tmp_path / "bin.png", binary))
     assert got.dtype == np.uint8 and set(np.unique(got)) == {0, 1} and got.sum() == 200
-    assert np.array_equal(read_davis2016_mask(tmp_path / "bin.png"), got)
+    assert np.array_equal(read_annotation(tmp_path / "bin.png"), got)
 
     soft = binary.copy()
     soft[5, 5:25] = 100  # anti-aliased edge: below the 127 threshold

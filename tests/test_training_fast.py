@@ -137,7 +137,7 @@ def test_store_from_the_compact_copy(davis2016_root, tmp_path):
 def test_pack_and_recipe_planning(davis2016_root, tmp_path):
     from safetensors.torch import save_file
 
-    from corrvos.training.layouts import read_labels
+    from corrvos.io.davis import read_annotation
     from corrvos.training.proposals import save_proposals
     from corrvos.training.recipe import Arm, collect, pack, plan_arms
 
@@ -147,7 +147,7 @@ def test_pack_and_recipe_planning(davis2016_root, tmp_path):
     pack(davis2016_root, props, out, sequences=["bear"])
     src = sorted((davis2016_root / "Annotations" / "480p" / "bear").glob("*.png"))
     assert len(list((out / "Annotations" / "480p" / "bear").glob("*.png"))) == len(src)
-    assert np.array_equal(read_labels(out / "Annotations" / "480p" / "bear" / src[5].name), read_labels(src[5]))
+    assert np.array_equal(read_annotation(out / "Annotations" / "480p" / "bear" / src[5].name), read_annotation(src[5]))
     assert (out / "ImageSets" / "480p" / "train.txt").read_text() == "bear\n"
     assert (out / "videos" / "bear.mp4").is_file() and (out / "proposals.npz").is_file()
 
@@ -176,8 +176,10 @@ def test_pack_and_recipe_planning(davis2016_root, tmp_path):
     snaps(lone, [(0, 10)])
     import argparse
 
-    args = argparse.Namespace(out=tmp_path / "OUT", seed=1, models=["stcn-s", "xmem-s"], data=out, proposals=None,
-                              crop=None, sequences=None, snapshot_every=25, budget_s=10)
+    from corrvos.training.recipe import build_parser
+
+    args = build_parser().parse_args(["run", "--data", str(out), "--out", str(tmp_path / "OUT"), "--seed", "1",
+                                      "--budget-s", "10"])
     args.out.mkdir()
     summary = collect([fast, slow, lone, Arm("xmem-s", "corr", (10, 10))], args,
                       {"stcn-s": (30, 70), "xmem-s": (10, 10)}, 1, 0.0, 0.0, 0.0, 0, print)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from corrvos.io.masks import read_davis2016_mask, write_mask
+from corrvos.io.davis import read_annotation
+from corrvos.io.masks import write_mask
 from corrvos.io.video import VideoFrames, VideoWriter
 
 HERE = Path(__file__).resolve().parent
@@ -30,7 +31,7 @@ def main() -> None:
     with VideoWriter(out / f"{args.seq}.mp4", fps=24, quality_crf=23) as writer:
         for t in range(min(args.frames, len(video))):
             writer.write(video[t])
-    write_mask(out / "00000.png", read_davis2016_mask(args.davis / "Annotations" / "480p" / args.seq / "00000.png"))
+    write_mask(out / "00000.png", read_annotation(args.davis / "Annotations" / "480p" / args.seq / "00000.png"))
     print(f"wrote {out}")
 
 

@@ -34,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, default=None,
                     help="where --checkpoint writes its PNGs (default: outputs/eval/<checkpoint>_davis<year>_<split>)")
     ap.add_argument("--device", default=None, help="torch device for --checkpoint (default: cuda if available)")
-    ap.add_argument("--size", type=int, default=480,
-                    help="shorter side the tracker resizes frames to (0 = original size; default 480)")
+    ap.add_argument("--size", type=int, default=None,
+                    help="shorter side the tracker resizes frames to (0 = original size; default: the checkpoint's "
+                         "training scale, 480 for upstream files and models trained on 384 crops)")
     ap.add_argument("--correspondence", action="store_true",
                     help="with --checkpoint: also report mask precision@k and cycle consistency of the affinity")
     ap.add_argument("--k", type=int, default=10, help="k of mask precision@k (default 10)")
@@ -91,7 +92,9 @@ def _run_model(args, split, results_dir: Path, progress: bool):
 
         recorder = CorrespondenceRecorder(split, k=args.k)
         hook = recorder.on_frame
-    stats = predict_split(split, model, results_dir, device=device, size=args.size or None,
+    size = model.preferred_size if args.size is None else (args.size or None)
+    print(f"{args.checkpoint.name}: processing at {f'{size}p' if size else 'the original size'} on {device}")
+    stats = predict_split(split, model, results_dir, device=device, size=size,
                           progress=progress, on_frame=hook)
     return stats, recorder
 

@@ -13,7 +13,6 @@ from corrvos.io.masks import (
     check_mask,
     colorize,
     davis_palette,
-    read_davis2016_mask,
     read_mask,
     write_mask,
 )
@@ -34,6 +33,6 @@ from corrvos.io.video import (
 __all__ = [
     "PALETTE", "ImageFolderFrames", "LoadedFrames", "SharedSequence", "VideoFrames", "VideoWriter",
     "annotation_paths", "check_mask", "colorize", "davis_palette", "davis_sequences", "read_split_file", "frame_paths",
-    "iter_video", "load_frames", "read_annotation", "read_davis2016_mask", "read_frame_folder", "read_mask",
+    "iter_video", "load_frames", "read_annotation", "read_frame_folder", "read_mask",
     "read_shared_sequence", "read_video", "read_zip_of_frames", "video_fps", "write_mask", "write_video",
 ]

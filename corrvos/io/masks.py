@@ -127,14 +127,6 @@ def read_mask(path: PathLike) -> np.ndarray:
         raise InputError(f"could not read the mask {path} as an image; give a PNG mask.") from err
 
 
-def read_davis2016_mask(path: PathLike) -> np.ndarray:
-    """A DAVIS-2016 annotation (8-bit 0/255) as a 0/1 label map, thresholded at 127."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return (np.asarray(img.convert("L")) > 127).astype(np.uint8)
-
-
 # ----------------------------------------------------------------------------------------------- writing
 
 def palette_image(labels: np.ndarray):

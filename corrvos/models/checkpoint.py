@@ -31,6 +31,10 @@ _VALUE_CONV1 = "value_encoder.conv1.weight"
 # Wrappers upstream trainers (and common scripts) put around the state_dict.
 _WRAPPER_KEYS = ("network", "model", "state_dict")
 _SHOWN_KEYS = 3
+# Upstream trains on 384-pixel crops of 480p frames and infers at 480p; a model trained on other crops
+# sees objects at the same scale when frames are resized by the same ratio.
+_REFERENCE_CROP, _REFERENCE_SIZE = 384, 480
+SIZE_KEY = "processing_size"
 
 PathLike = str | os.PathLike
 
@@ -102,7 +106,7 @@ def load_model(path: PathLike, device: str | torch.device | None = None) -> Matc
     scripts do. Half-precision files load into float32 modules. On the CPU the weights are put in
     channels-last layout, which makes the convolutions about 1.7x faster there.
     """
-    state_dict, config, _ = read_checkpoint(path)
+    state_dict, config, metadata = read_checkpoint(path)
     # Built on the meta device: random initialisation would be thrown away, and costs seconds.
     with torch.device("meta"):
         model = model_from_config(config)
@@ -111,7 +115,29 @@ def load_model(path: PathLike, device: str | torch.device | None = None) -> Matc
     model = model.to(device)
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
+    model.preferred_size = preferred_size(metadata)
     return model.eval()
+
+
+def preferred_size(metadata: dict[str, str]) -> int:
+    """Inference size (shorter side) that matches the scale a checkpoint was trained at.
+
+    ``metadata[SIZE_KEY]`` when present; else the training crop of ``train_options`` scaled by
+    480/384 (a 192-pixel crop -> 240p), rounded to a multiple of 16; else 480 (upstream files).
+    Evaluating at a size far from the training scale shifts every object's apparent size.
+    """
+    if SIZE_KEY in metadata:
+        try:
+            return max(16, int(metadata[SIZE_KEY]))
+        except ValueError:
+            pass
+    try:
+        crop = int(json.loads(metadata.get("train_options", "{}")).get("crop") or 0)
+    except (ValueError, TypeError, AttributeError):
+        crop = 0
+    if crop <= 0:
+        return _REFERENCE_SIZE
+    return max(16, round(crop * _REFERENCE_SIZE / _REFERENCE_CROP / 16) * 16)
 
 
 def checkpoint_metadata(path: PathLike) -> dict[str, str]:

@@ -66,6 +66,9 @@ class MatchingNetwork(nn.Module):
     config: ModelConfig
     key_encoder: KeyEncoder
     key_proj: KeyProjection
+    # Shorter side frames should be resized to at inference: the scale the weights were trained at
+    # (load_model sets it from the checkpoint; 480 is the upstream protocol).
+    preferred_size: int = 480
 
     def encode_key(
         self, image: Tensor, need_shrinkage: bool = True, need_selection: bool = True

@@ -3,7 +3,7 @@
 Decoding dominates a training sample's cost when frames come from JPEG files or video (about
 5 ms per 480p frame), and a clip re-reads the same frames many times. ``FrameStore`` decodes each
 sequence once into ``FOLDER/<seq>.rgb.npy`` (``n x H x W x 3`` uint8) and ``FOLDER/<seq>.labels.npy``
-(``n x H x W`` uint8, as ``layouts.read_labels`` returns them) and memory-maps them: every loader
+(``n x H x W`` uint8, as ``io.davis.read_annotation`` returns them) and memory-maps them: every loader
 worker and every training process on the machine then shares one copy through the page cache,
 and a frame costs a memory read. DAVIS-2016 train (2079 frames at 480x854) takes 3.4 GB.
 
@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from corrvos.errors import DatasetError
-from corrvos.training.layouts import (_requested, compact_names, find_sequences, is_compact, read_labels,
+from corrvos.io.davis import read_annotation
+from corrvos.training.layouts import (_requested, compact_names, find_sequences, is_compact,
                                       read_rgb)
 
 INDEX_NAME = "index.json"
@@ -84,7 +85,7 @@ def _decode_compact(root: Path, name: str) -> tuple[list[str], np.ndarray, np.nd
         raise DatasetError(f"{video} has {len(frames)} frames but a mask names frame {max(rows)}; "
                            "the compact copy is damaged.")
     rgb = np.stack([frames[t] for t in rows])
-    labels = np.stack([read_labels(p) for p in masks])
+    labels = np.stack([read_annotation(p) for p in masks])
     return [f"{name}/{p.stem}" for p in masks], rgb, labels
 
 
@@ -103,7 +104,7 @@ def _build_one(job: tuple) -> tuple[str, list[str], int, tuple[int, ...]]:
     else:
         keys = [f"{name}/{Path(p).stem}" for p in frames]
         rgb = np.stack([read_rgb(p) for p in frames])
-        labels = np.stack([read_labels(p) for p in masks])
+        labels = np.stack([read_annotation(p) for p in masks])
     if rgb.shape[:3] != labels.shape:
         raise DatasetError(f"Sequence {name!r}: frames are {rgb.shape[1:3]} but masks are {labels.shape[1:]}; "
                            "every mask must have its frame's size.")

@@ -64,24 +64,6 @@ def read_rgb(path: PathLike) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def read_labels(path: PathLike) -> np.ndarray:
-    """uint8 ``HxW`` label map: palette index per pixel, or 0/1 for greyscale (DAVIS-2016 0/255) masks.
-
-    Palette index 255 (the "void" colour some annotation tools use) is treated as background.
-    """
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            if im.mode == "P":
-                labels = np.array(im, dtype=np.uint8)
-                labels[labels == 255] = 0
-                return labels
-            return (np.array(im.convert("L")) >= 128).astype(np.uint8)
-    except (OSError, ValueError) as err:
-        raise DatasetError(f"Cannot read the mask {path} ({err}); check that it is a valid PNG.") from None
-
-
 def _requested(sequences: list[str] | PathLike | None) -> list[str] | None:
     if sequences is None:
         return None

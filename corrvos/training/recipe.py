@@ -95,7 +95,8 @@ def pack(data: Path, proposals: Path | None, out: Path, split: str = "train",
     import numpy as np
     from PIL import Image
 
-    from corrvos.training.layouts import is_compact, read_labels, split_names
+    from corrvos.io.davis import read_annotation
+    from corrvos.training.layouts import is_compact, split_names
 
     if not is_compact(data):
         raise DatasetError(f"{data} is not the compact DAVIS-2016 copy (videos/ + Annotations/480p/).")
@@ -110,12 +111,12 @@ def pack(data: Path, proposals: Path | None, out: Path, split: str = "train",
         adir = out / "Annotations" / "480p" / name
         adir.mkdir(parents=True, exist_ok=True)
         for png in sorted((data / "Annotations" / "480p" / name).glob("*.png")):
-            labels = read_labels(png)
+            labels = read_annotation(png)
             if labels.max() > 1:
                 raise DatasetError(f"{png} has more than one object; 1-bit packing is for DAVIS-2016 masks only.")
             target = adir / png.name
             Image.fromarray(labels.astype(bool)).save(target, optimize=True)
-            if not (read_labels(target) == labels).all():
+            if not (read_annotation(target) == labels).all():
                 raise DatasetError(f"Re-encoding {png} changed its labels; copy the masks as they are.")
     if proposals is not None:
         with np.load(proposals, allow_pickle=False) as z:
@@ -168,7 +169,8 @@ def stage_command(arm: Arm, stage: int, args: argparse.Namespace, workers: int, 
         cmd += ["--load", str(load)]
     if start_iteration:
         cmd += ["--start-iteration", str(start_iteration)]
-    for flag, value in (("--device", args.device), ("--crop", args.crop), ("--sequences", args.sequences)):
+    for flag, value in (("--device", args.device), ("--crop", args.crop), ("--sequences", args.sequences),
+                        ("--batch", args.batch), ("--lr", args.lr)):
         if value:
             cmd += [flag, str(value)]
     return cmd
@@ -184,7 +186,8 @@ def last_log_row(path: Path) -> dict[str, str] | None:
 
 def run_arm(arm: Arm, args: argparse.Namespace, workers: int, stop: threading.Event, log) -> None:
     """Run the arm's remaining stages one after the other; stop (terminate) when ``stop`` is set."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+    threads = str(args.threads)
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
     if arm.start == arm.end:
         log(f"{arm.name}: already complete ({arm.start_weights})")
         return
@@ -273,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
         iters[model] = (int(static), int(main))
     arms = plan_arms(args.models, iters, args.resume_from)
     cpus = args.cpus or os.cpu_count() or 1
-    workers = max(1, (cpus - len(arms)) // len(arms))
+    workers = args.workers if args.workers is not None else max(1, (cpus - len(arms)) // len(arms))
     shm = shutil.disk_usage("/dev/shm").total / 2**30 if Path("/dev/shm").is_dir() else 0.0
     log(f"plan: {', '.join(f'{a.name} {a.iters} from {a.start}' for a in arms)}; {cpus} cores -> {workers} loader "
         f"workers per arm; /dev/shm {shm:.1f} GiB")
@@ -299,8 +302,8 @@ def run(args: argparse.Namespace) -> int:
         if time.time() >= next_report:
             q = gpu_query()
             peak_mem = max(peak_mem, int(q.get("memory_used_mib", 0) or 0))
-            log(f"{progress_line(arms, args.work)}; GPU {q.get('utilization_pct', '?')} % busy, "
-                f"{q.get('memory_used_mib', '?')} MiB")
+            gpu = f"; GPU {q['utilization_pct']} % busy, {q['memory_used_mib']} MiB" if q else ""
+            log(progress_line(arms, args.work) + gpu)
             next_report = time.time() + args.report_every
     for t in threads:
         t.join()
@@ -352,10 +355,11 @@ def collect(arms: list[Arm], args: argparse.Namespace, iters: dict, workers: int
     summary = {
         "recipe": "corrvos.training.recipe", "seed": args.seed, "iters": {m: list(v) for m, v in iters.items()},
         "models": args.models, "data": str(args.data), "proposals": str(args.proposals) if args.proposals else None,
-        "crop": args.crop, "sequences": args.sequences, "snapshot_every": args.snapshot_every,
+        "crop": args.crop, "batch": args.batch, "lr": args.lr, "device": args.device or "cuda",
+        "threads_per_arm": args.threads, "sequences": args.sequences, "snapshot_every": args.snapshot_every,
         "loader_workers_per_arm": workers, "arms_concurrently": len(arms), "budget_s": args.budget_s,
         "decode_s": round(decode_s, 1), "train_wall_s": round(train_s, 1), "wall_s": round(wall, 1),
-        "gpu_minutes": round(wall / 60, 2), "gpu": gpu_query().get("name"), "peak_gpu_memory_mib": peak_mem,
+        "gpu_minutes": round(wall / 60, 2) if args.device != "cpu" else 0.0, "gpu": gpu_query().get("name"), "peak_gpu_memory_mib": peak_mem,
         "arms": out_arms,
     }
     tmp = args.out / ".summary.json.tmp"
@@ -393,6 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=14159265)
     r.add_argument("--device", help="cpu for a dry run (default: cuda)")
     r.add_argument("--crop", type=int, help="crop size (default: the presets' 384)")
+    r.add_argument("--batch", type=int, help="effective batch (default: the presets')")
+    r.add_argument("--lr", type=float, help="learning rate (default: the presets')")
+    r.add_argument("--threads", type=int, default=2, help="torch threads per arm (the CPU arms share the cores)")
+    r.add_argument("--workers", type=int, help="loader workers per arm (default: the cores left over, shared)")
     r.add_argument("--sequences", help="comma-separated train sequences (default: all 30)")
     return p
 

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from corrvos.errors import DatasetError
+from corrvos.io.davis import read_annotation
 from corrvos.training import augment as A
 from corrvos.training.framestore import FrameStore
-from corrvos.training.layouts import find_sequences, read_labels, read_rgb
+from corrvos.training.layouts import find_sequences, read_rgb
 from corrvos.training.proposals import ProposalCache, load_proposals
 from corrvos.training.samples import (ClipConfig, ClipDataset, WarpedClip, assemble, candidate_objects,
                                       present_ids, select_proposals)
@@ -96,7 +97,7 @@ class StaticClips(ClipDataset):
         if isinstance(image, FrameRef):
             return image.store.rgb(image.seq)[image.row], image.store.labels(image.seq)[image.row], key
         image = read_rgb(image) if not isinstance(image, np.ndarray) else image
-        labels = read_labels(mask) if not isinstance(mask, np.ndarray) else mask.astype(np.uint8)
+        labels = read_annotation(mask) if not isinstance(mask, np.ndarray) else mask.astype(np.uint8)
         if image.shape[:2] != labels.shape:
             raise DatasetError(f"Static item {index}: the image is {image.shape[:2]} but its mask is {labels.shape}.")
         return image, labels, key

@@ -10,9 +10,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from corrvos.io.davis import read_annotation
 from corrvos.training import augment as A
 from corrvos.training.framestore import FrameStore, StoredSequence
-from corrvos.training.layouts import VideoSequence, find_sequences, read_labels, read_rgb
+from corrvos.training.layouts import VideoSequence, find_sequences, read_rgb
 from corrvos.training.proposals import ProposalCache, load_proposals
 from corrvos.training.samples import (ClipConfig, ClipDataset, WarpedClip, assemble, candidate_objects,
                                       select_proposals)
@@ -85,7 +86,7 @@ class VideoClips(ClipDataset):
             rgb, labels = self.store.rgb(row), self.store.labels(row)
             return [rgb[i] for i in idx], [labels[i] for i in idx]
         seq = self.sequences[index]
-        return [read_rgb(seq.frames[i]) for i in idx], [read_labels(seq.masks[i]) for i in idx]
+        return [read_rgb(seq.frames[i]) for i in idx], [read_annotation(seq.masks[i]) for i in idx]
 
     def _frame_indices(self, rng: np.random.Generator, seq: VideoSequence | StoredSequence, max_skip: int) -> list[int]:
         skip = max(1, max_skip // seq.skip_divisor)

@@ -1,0 +1,117 @@
+"""Plot the loss curves of a `python -m corrvos.training.recipe run` job (its work folder or logs.tar.gz).
+
+    .venv/bin/python scripts/plot_training_curves.py /tmp/corrvos-recipe-cpu --out checkpoints/training_curves.png
+
+One row per model: the segmentation loss (bootstrapped CE, + Dice for XMem) of the baseline and the
+correspondence arm over static pretraining then main training, and the corr arm's L_PCL and L_OCL.
+Curves are smoothed with a moving average over ``--smooth`` logged rows (raw rows are too noisy at
+batch 4 to compare arms by eye).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+STAGES = ("static", "main")
+
+
+def read_logs(source: Path) -> dict[str, dict[str, list[dict[str, float]]]]:
+    """{arm: {stage: rows}} from a work folder (<arm>/<stage>/log.csv) or a logs.tar.gz."""
+    texts: dict[tuple[str, str], str] = {}
+    if source.is_dir():
+        for path in source.glob("*/*/log.csv"):
+            texts[(path.parent.parent.name, path.parent.name)] = path.read_text()
+    else:
+        with tarfile.open(source) as tar:
+            for member in tar.getmembers():
+                parts = member.name.split("/")
+                if len(parts) == 3 and parts[2] == "log.csv":
+                    texts[(parts[0], parts[1])] = tar.extractfile(member).read().decode()
+    logs: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for (arm, stage), text in texts.items():
+        rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(io.StringIO(text))]
+        logs.setdefault(arm, {})[stage] = rows
+    return logs
+
+
+def series(stages: dict[str, list[dict[str, float]]], key: str, offset_static: int) -> tuple[np.ndarray, np.ndarray]:
+    """Iterations (main stage shifted after static) and values of one column."""
+    xs, ys = [], []
+    for stage in STAGES:
+        for row in stages.get(stage, []):
+            if key in row:
+                xs.append(row["iteration"] + (offset_static if stage == "main" else 0))
+                ys.append(row[key])
+    return np.asarray(xs), np.asarray(ys)
+
+
+def smooth(y: np.ndarray, n: int) -> np.ndarray:
+    if n <= 1 or len(y) < n:
+        return y
+    kernel = np.ones(n) / n
+    padded = np.concatenate([np.full(n - 1, y[0]), y])
+    return np.convolve(padded, kernel, mode="valid")
+
+
+def seg_loss(stages: dict[str, list[dict[str, float]]], offset: int) -> tuple[np.ndarray, np.ndarray]:
+    x, ce = series(stages, "ce", offset)
+    _, dice = series(stages, "dice", offset)
+    return x, ce + dice if len(dice) == len(ce) else ce
+
+
+def plot(logs: dict, out: Path, smooth_rows: int, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({arm.rsplit("_", 1)[0] for arm in logs})
+    fig, axes = plt.subplots(len(models), 2, figsize=(11, 3.6 * len(models)), squeeze=False)
+    for row, model in zip(axes, models):
+        base, corr = logs.get(f"{model}_baseline", {}), logs.get(f"{model}_corr", {})
+        static_iters = int(max((r["iteration"] for r in (base.get("static") or corr.get("static") or [])), default=0))
+        for stages, label, colour in ((base, "baseline (L_seg)", "tab:blue"), (corr, "corr (L_seg + a(L_PCL + 0.5 L_OCL))", "tab:red")):
+            x, y = seg_loss(stages, static_iters)
+            if len(x):
+                row[0].plot(x, smooth(y, smooth_rows), color=colour, label=label)
+        row[0].set_title(f"{model}: segmentation loss" + (" (CE + Dice)" if model.startswith("xmem") else " (CE)"))
+        for name, colour in (("pcl", "tab:green"), ("ocl", "tab:purple")):
+            x, y = series(corr, name, static_iters)
+            if len(x):
+                row[1].plot(x, smooth(y, smooth_rows), color=colour, label=f"L_{name.upper()} (corr arm)")
+        row[1].set_title(f"{model}: correspondence losses of the corr arm")
+        for ax in row:
+            if static_iters and (base.get("main") or corr.get("main")):
+                ax.axvline(static_iters, color="grey", linestyle="--", linewidth=0.8)
+                ax.text(static_iters, ax.get_ylim()[1], " main", va="top", fontsize=8, color="grey")
+            ax.set_xlabel("iteration (static pretraining, then main training)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("source", type=Path, help="recipe work folder or its logs.tar.gz")
+    ap.add_argument("--out", type=Path, required=True, help="PNG to write")
+    ap.add_argument("--smooth", type=int, default=5, help="moving average over this many logged rows")
+    ap.add_argument("--title", default="Training loss curves (moving average)")
+    args = ap.parse_args(argv)
+    logs = read_logs(args.source)
+    if not logs:
+        ap.error(f"no <arm>/<stage>/log.csv found in {args.source}")
+    plot(logs, args.out, args.smooth, args.title)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
