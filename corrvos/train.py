@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "e.g. the static stage's final.safetensors")
     g.add_argument("--imagenet", action="store_true",
                    help="initialise the encoders from torchvision ImageNet weights already in the torch hub cache")
+    g.add_argument("--bn", choices=["auto", "frozen", "train"], default="auto",
+                   help="BatchNorm statistics: frozen (upstream, for pretrained encoders), train (learned), or auto: "
+                        "train when starting from random weights, frozen with --imagenet or --load")
+    g.add_argument("--bootstrap-p", type=float, default=0.15, metavar="P",
+                   help="final fraction of hardest pixels the bootstrapped CE keeps (upstream 0.15; 1.0 = plain CE, "
+                        "what training from scratch on a short schedule needs: see docs/training.md)")
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     g.add_argument("--start-iteration", type=int, default=0, metavar="K",
                    help="with --load: continue the schedule (LR drops, curriculum, data stream) at iteration K from "
@@ -114,7 +120,7 @@ def options_from_args(args: argparse.Namespace):
         batch=args.batch, lr=args.lr, crop=args.crop, alpha_warmup=args.alpha_warmup, accum=args.accum,
         amp=args.amp, device=args.device, seed=args.seed, workers=args.workers, resume=args.resume, load=args.load,
         start_iteration=args.start_iteration, frame_cache=args.frame_cache, snapshot_every=args.snapshot_every,
-        imagenet=args.imagenet, proposals=args.proposals, repeats=args.repeats, sequences=args.sequences,
+        imagenet=args.imagenet, bn=args.bn, bootstrap_p=args.bootstrap_p, proposals=args.proposals, repeats=args.repeats, sequences=args.sequences,
         split=args.split, save_every=args.save_every, keep_last=args.keep_last, log_every=args.log_every,
         eval_every=args.eval_every, eval_data=args.eval_data, eval_sequences=args.eval_sequences,
         eval_size=args.eval_size, progress=args.progress,

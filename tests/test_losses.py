@@ -29,6 +29,8 @@ def test_bootstrap_p_schedule():
     assert bootstrap_p(1_999, scale=0.1) == 1.0
     assert bootstrap_p(4_500, scale=0.1) == pytest.approx(0.575)
     assert bootstrap_p(7_000, scale=0.1) == pytest.approx(0.15)
+    # final_p 1.0 (train.py --bootstrap-p 1.0): plain CE all the way.
+    assert bootstrap_p(500_000, final_p=1.0) == 1.0 and bootstrap_p(45_000, final_p=0.5) == pytest.approx(0.75)
 
 
 def test_alpha_warmup_schedule():

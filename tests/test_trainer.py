@@ -1,7 +1,7 @@
 """Trainer on two DAVIS-2016 train sequences with a tiny network and 64 px crops (CPU).
 
 Covers: a 20-iteration run with both correspondence losses, exact resume (6 straight vs 3 + resume
-+ 3), the forward passes of both architectures, frozen BN, the CLI's --help and argument wiring.
++ 3), the forward passes of both architectures, learned vs frozen BN, the CLI's --help and argument wiring.
 """
 import csv
 import subprocess
@@ -72,12 +72,18 @@ def test_twenty_iterations_both_losses(davis2016_root, proposals, tmp_path):
     loaded = load_model(final)
     changed = [k for k, v in loaded.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
     assert any(k.startswith("key_proj") for k in changed) and any(k.startswith("decoder") for k in changed)
-    # Frozen BN: running statistics never move.
+    # From random weights (--bn auto) BN learns its statistics: every running mean moved.
     bn = [k for k in before if k.endswith("running_mean")]
-    assert bn and all(torch.equal(loaded.state_dict()[k], before[k]) for k in bn)
-    # --load starts a new run from these weights.
-    again = Trainer(_options(davis2016_root, tmp_path / "next", proposals, load=str(final)))
-    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in again.net.state_dict().items())
+    assert bn and not any(torch.equal(loaded.state_dict()[k].float(), before[k]) for k in bn)
+    # --load starts a new run from these weights, with BN frozen (auto): statistics never move.
+    again = Trainer(_options(davis2016_root, tmp_path / "next", proposals, load=str(final), iters=2, corr=frozenset()))
+    assert again.bn_frozen
+    start = {k: v.clone() for k, v in again.net.state_dict().items()}
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in start.items())
+    again.train()
+    after = again.net.state_dict()
+    assert all(torch.equal(after[k], start[k]) for k in bn)
+    assert not torch.equal(after["decoder.pred.weight"], start["decoder.pred.weight"])
 
 
 def test_resume_continues_exactly(davis2016_root, proposals, tmp_path):
@@ -148,8 +154,10 @@ def test_cli_options_wiring():
     from corrvos.train import build_parser, options_from_args
 
     args = build_parser().parse_args(["--model", "xmem-s", "--data", "a", "b", "--repeats", "5", "1", "--out", "o",
-                                      "--corr", "pcl", "--no-cross-view", "--negatives", "intra", "--accum", "2"])
+                                      "--corr", "pcl", "--no-cross-view", "--negatives", "intra", "--accum", "2",
+                                      "--bn", "train", "--bootstrap-p", "1.0"])
     opts = options_from_args(args)
+    assert opts.bn == "train" and opts.bootstrap_p == 1.0
     assert opts.corr == {"pcl"} and not opts.cross_view and opts.negatives == "intra" and opts.accum == 2
     assert opts.data == ["a", "b"] and opts.repeats == [5, 1]
     with pytest.raises(ValueError):

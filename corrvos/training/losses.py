@@ -16,7 +16,7 @@ from torch import Tensor
 from corrvos.training.contrastive import Negatives
 from corrvos.training.ocl import ocl_loss
 from corrvos.training.pcl import pcl_loss
-from corrvos.training.schedule import ALPHA_MAX, BETA, bootstrap_p, correspondence_alpha
+from corrvos.training.schedule import ALPHA_MAX, BETA, BOOTSTRAP_FINAL_P, bootstrap_p, correspondence_alpha
 from corrvos.training.seg_losses import bootstrapped_ce, dice_loss
 
 CORR_TERMS = ("pcl", "ocl")
@@ -54,6 +54,7 @@ class LossConfig:
     alpha_start: int = 0
     beta: float = BETA
     bootstrap_scale: float = 1.0
+    bootstrap_final_p: float = BOOTSTRAP_FINAL_P  # 1.0 = plain CE throughout
     dice: bool = False  # XMem adds Dice
 
     @property
@@ -102,7 +103,7 @@ def compute_losses(out: dict[str, Any], batch: dict[str, Any], config: LossConfi
             ``view2_theta``, the view being of clip frame 0; for OCL the box fields read by
             ``boxes_from_batch``, best left on the CPU: see ``HOST_KEYS``).
     """
-    p = bootstrap_p(iteration, config.bootstrap_scale)
+    p = bootstrap_p(iteration, config.bootstrap_scale, config.bootstrap_final_p)
     ce, dc = segmentation_loss(out["logits"], batch["cls_gt"], batch.get("selector"), p, config.dice)
     total = ce if dc is None else ce + dc
     # Stats stay tensors (no device synchronisation in the middle of the step); see ``stats_to_floats``.

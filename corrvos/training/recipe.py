@@ -170,7 +170,8 @@ def stage_command(arm: Arm, stage: int, args: argparse.Namespace, workers: int, 
     if start_iteration:
         cmd += ["--start-iteration", str(start_iteration)]
     for flag, value in (("--device", args.device), ("--crop", args.crop), ("--sequences", args.sequences),
-                        ("--batch", args.batch), ("--lr", args.lr)):
+                        ("--batch", args.batch), ("--lr", args.lr), ("--bn", args.bn),
+                        ("--bootstrap-p", args.bootstrap_p)):
         if value:
             cmd += [flag, str(value)]
     return cmd
@@ -355,7 +356,7 @@ def collect(arms: list[Arm], args: argparse.Namespace, iters: dict, workers: int
     summary = {
         "recipe": "corrvos.training.recipe", "seed": args.seed, "iters": {m: list(v) for m, v in iters.items()},
         "models": args.models, "data": str(args.data), "proposals": str(args.proposals) if args.proposals else None,
-        "crop": args.crop, "batch": args.batch, "lr": args.lr, "device": args.device or "cuda",
+        "crop": args.crop, "batch": args.batch, "lr": args.lr, "bn": args.bn, "bootstrap_p": args.bootstrap_p, "device": args.device or "cuda",
         "threads_per_arm": args.threads, "sequences": args.sequences, "snapshot_every": args.snapshot_every,
         "loader_workers_per_arm": workers, "arms_concurrently": len(arms), "budget_s": args.budget_s,
         "decode_s": round(decode_s, 1), "train_wall_s": round(train_s, 1), "wall_s": round(wall, 1),
@@ -399,6 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--crop", type=int, help="crop size (default: the presets' 384)")
     r.add_argument("--batch", type=int, help="effective batch (default: the presets')")
     r.add_argument("--lr", type=float, help="learning rate (default: the presets')")
+    r.add_argument("--bn", choices=["auto", "frozen", "train"],
+                   help="BatchNorm statistics in both stages (default: train.py's auto, i.e. the main stage, which "
+                        "loads the static weights, freezes them)")
+    r.add_argument("--bootstrap-p", type=float, default=1.0,
+                   help="final hardest-pixel fraction of the CE (default 1.0: plain CE; with upstream's 0.15 every arm "
+                        "of the first CPU run collapsed to a constant output once p reached 0.15)")
     r.add_argument("--threads", type=int, default=2, help="torch threads per arm (the CPU arms share the cores)")
     r.add_argument("--workers", type=int, help="loader workers per arm (default: the cores left over, shared)")
     r.add_argument("--sequences", help="comma-separated train sequences (default: all 30)")

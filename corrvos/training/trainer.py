@@ -71,6 +71,12 @@ class TrainOptions:
     frame_cache: str | None = None  # decode the data once into this folder (framestore.py)
     snapshot_every: int = 0  # fp16 weights OUT/snapshots/weights_%08d.safetensors every N iterations
     imagenet: bool = False
+    # BatchNorm: "frozen" (upstream: running statistics of the pretrained encoders kept), "train"
+    # (statistics learned), "auto" = train when the network starts from random weights, else frozen.
+    bn: str = "auto"
+    # Final fraction of hardest pixels of the bootstrapped CE (upstream 0.15); 1.0 = plain CE. From
+    # random weights on a short schedule 0.15 kills the decoder (see docs/training.md).
+    bootstrap_p: float = 0.15
     proposals: str | None = None
     repeats: list[int] | None = None
     sequences: list[str] | None = None
@@ -97,7 +103,12 @@ class TrainOptions:
 # ----------------------------------------------------------------------------------------- helpers
 
 def freeze_bn(module: nn.Module) -> None:
-    """Keep every BatchNorm in eval mode (running statistics frozen) while affine params still train."""
+    """Keep every BatchNorm in eval mode (running statistics frozen) while affine params still train.
+
+    Right for pretrained encoders (upstream always starts from ImageNet). From random weights the
+    frozen statistics are mean 0 / variance 1, i.e. BN normalises nothing; ``--bn train`` (the
+    ``auto`` choice there) learns them as usual for training from scratch.
+    """
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
@@ -243,13 +254,16 @@ class Trainer:
         if opts.load:
             self._load_weights(net, opts.load)
         self.net = net.to(self.device)
+        self.bn_frozen = opts.bn == "frozen" or (opts.bn == "auto" and bool(opts.imagenet or opts.load))
         self.arch = net.config.arch
         self.forward_module: nn.Module = ClipForward(self.net, opts.deep_update_p, opts.view_scale)
         if self.world > 1:
             self.forward_module = nn.parallel.DistributedDataParallel(
                 self.forward_module,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,  # BN is frozen: buffers never change
+                # Frozen BN never changes its buffers; learned statistics follow rank 0's so that
+                # every rank normalises (and saves) the same way.
+                broadcast_buffers=not self.bn_frozen,
             )
         params = [p for p in self.net.parameters() if p.requires_grad]
         opt_cls = torch.optim.AdamW if preset.optimizer == "adamw" else torch.optim.Adam
@@ -265,6 +279,7 @@ class Trainer:
             ocl_annotated=opts.ocl_objects in ("both", "annotated"),
             alpha_warmup=opts.alpha_warmup if opts.alpha_warmup is not None else preset.alpha_warmup,
             bootstrap_scale=preset.bootstrap_scale,
+            bootstrap_final_p=opts.bootstrap_p,
             dice=self.arch == "xmem",
         )
         self.iteration = 0
@@ -465,7 +480,8 @@ class Trainer:
     def train_step(self, batches: list[dict[str, Any]]) -> dict[str, float]:
         """One optimiser step over ``accum`` micro-batches; returns the averaged loss terms."""
         self.forward_module.train()
-        freeze_bn(self.forward_module)
+        if self.bn_frozen:
+            freeze_bn(self.forward_module)
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, Any] = {}
         for i, batch in enumerate(batches):
@@ -584,7 +600,8 @@ class Trainer:
             return None
         finally:
             self.net.train()
-            freeze_bn(self.net)
+            if self.bn_frozen:
+                freeze_bn(self.net)
         if log is not None:
             with open(self.out / "eval.csv", "a") as f:
                 f.write(f"{self.iteration},{score!r}\n")
