@@ -261,9 +261,9 @@ class Trainer:
             self.forward_module = nn.parallel.DistributedDataParallel(
                 self.forward_module,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                # Frozen BN never changes its buffers; learned statistics follow rank 0's so that
-                # every rank normalises (and saves) the same way.
-                broadcast_buffers=not self.bn_frozen,
+                # Frozen BN never changes its buffers; learned statistics are averaged over the
+                # ranks after every step instead (_sync_bn_stats), so there is nothing to broadcast.
+                broadcast_buffers=False,
             )
         params = [p for p in self.net.parameters() if p.requires_grad]
         opt_cls = torch.optim.AdamW if preset.optimizer == "adamw" else torch.optim.Adam
@@ -477,6 +477,15 @@ class Trainer:
             self.scaler.scale(loss / self.opts.accum).backward()
         return stats
 
+    def _sync_bn_stats(self) -> None:
+        """Average learned BN running statistics over the ranks (SyncBatchNorm needs CUDA; this works on
+        gloo too), so that every rank normalises, evaluates and saves the same way."""
+        for m in self.net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                for buf in (m.running_mean, m.running_var):
+                    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                    buf.div_(self.world)
+
     def train_step(self, batches: list[dict[str, Any]]) -> dict[str, float]:
         """One optimiser step over ``accum`` micro-batches; returns the averaged loss terms."""
         self.forward_module.train()
@@ -491,6 +500,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.world > 1 and not self.bn_frozen:
+            self._sync_bn_stats()
         self.iteration += 1
         return stats_to_floats(totals)  # the step's only device synchronisation
 
