@@ -21,6 +21,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from corrvos.errors import CorrvosError  # noqa: E402
+from corrvos.training.schedule import BOOTSTRAP_FINAL_P  # noqa: E402
 
 MODELS = ("stcn", "stcn-s", "xmem", "xmem-s")
 
@@ -55,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bn", choices=["auto", "frozen", "train"], default="auto",
                    help="BatchNorm statistics: frozen (upstream, for pretrained encoders), train (learned), or auto: "
                         "train when starting from random weights, frozen with --imagenet or --load")
-    g.add_argument("--bootstrap-p", type=float, default=0.15, metavar="P",
-                   help="final fraction of hardest pixels the bootstrapped CE keeps (upstream 0.15; 1.0 = plain CE, "
+    g.add_argument("--bootstrap-p", type=float, default=BOOTSTRAP_FINAL_P, metavar="P",
+                   help=f"final fraction of hardest pixels the bootstrapped CE keeps (upstream {BOOTSTRAP_FINAL_P}; 1.0 = plain CE, "
                         "what training from scratch on a short schedule needs: see docs/training.md)")
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     g.add_argument("--start-iteration", type=int, default=0, metavar="K",

@@ -1,6 +1,6 @@
 """Plot the loss curves of a `python -m corrvos.training.recipe run` job (its work folder or logs.tar.gz).
 
-    .venv/bin/python scripts/plot_training_curves.py /tmp/corrvos-recipe-cpu --out checkpoints/training_curves.png
+    .venv/bin/python scripts/plot_training_curves.py /tmp/corrvos-recipe-cpu --out docs/cpu_run3_curves.png
 
 One row per model: the segmentation loss (bootstrapped CE, + Dice for XMem) of the baseline and the
 correspondence arm over static pretraining then main training, and the corr arm's L_PCL and L_OCL.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-STAGES = ("static", "main")
+from corrvos.training.stages import STAGES
 
 
 def read_logs(source: Path) -> dict[str, dict[str, list[dict[str, float]]]]:

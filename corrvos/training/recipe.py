@@ -43,9 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from corrvos.errors import DatasetError
+from corrvos.training.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ("static", "main")
 VARIANTS = {"baseline": "none", "corr": "pcl,ocl"}
 # Iterations (static, main) per model for one ~9-minute job on one H100, four arms at once: see
 # docs/training.md for the arithmetic. Both arms of a pair always get the same numbers.

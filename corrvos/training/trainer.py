@@ -35,6 +35,7 @@ from corrvos.models.config import ModelConfig
 from corrvos.training.contrastive import Negatives
 from corrvos.training.forward import VIEW_SCALE, XMEM_DEEP_UPDATE_P, ClipForward
 from corrvos.training.losses import HOST_KEYS, LossConfig, compute_losses, stats_to_floats
+from corrvos.training.schedule import BOOTSTRAP_FINAL_P
 from corrvos.training.stages import StagePreset, get_stage
 
 CHECKPOINT_PREFIX = "ckpt_"
@@ -76,7 +77,7 @@ class TrainOptions:
     bn: str = "auto"
     # Final fraction of hardest pixels of the bootstrapped CE (upstream 0.15); 1.0 = plain CE. From
     # random weights on a short schedule 0.15 kills the decoder (see docs/training.md).
-    bootstrap_p: float = 0.15
+    bootstrap_p: float = BOOTSTRAP_FINAL_P
     proposals: str | None = None
     repeats: list[int] | None = None
     sequences: list[str] | None = None
