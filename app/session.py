@@ -20,8 +20,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth")
-# The shipped STCN pair (baseline, correspondence-trained): the default A/B choice when present.
-DEFAULT_PAIR = ("stcn-s_baseline.safetensors", "stcn-s_corr.safetensors")
+# A (baseline, correspondence-trained) pair is two files whose names differ only in these words, e.g. the
+# shipped stcn-s_baseline_cpu.safetensors / stcn-s_corr_cpu.safetensors.
+PAIR_WORDS = ("baseline", "corr")
 MAX_OBJECTS = 5
 # Frames kept per video: on a 2-core CPU two small models take a few seconds per 480p frame together, so
 # the CPU cap keeps one propagation to a few minutes.
@@ -70,9 +71,12 @@ def list_checkpoints(folder: Path) -> list[str]:
 
 
 def default_checkpoints(names: Sequence[str]) -> tuple[str | None, str | None]:
-    """The shipped STCN pair when both are present, else the first two files (or what there is)."""
-    if all(n in names for n in DEFAULT_PAIR):
-        return DEFAULT_PAIR
+    """The first baseline/corr pair (STCN pairs before the others, then by name), else the first two files."""
+    base, corr = PAIR_WORDS
+    pairs = [(n, n.replace(base, corr, 1)) for n in names if base in n and n.replace(base, corr, 1) in names]
+    if pairs:
+        # The faster STCN pair suits a first look (and the CPU) better than XMem's.
+        return min(pairs, key=lambda p: (not p[0].startswith("stcn"), p[0]))
     first = names[0] if names else None
     second = names[1] if len(names) > 1 else first
     return first, second

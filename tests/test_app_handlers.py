@@ -70,6 +70,12 @@ def test_checkpoint_listing_and_defaults(assets, tmp_path):
     names = list_checkpoints(assets["ckpt_dir"])
     assert names == ["stcn-s_baseline.safetensors", "stcn-s_corr.safetensors"]
     assert default_checkpoints(["x.pth", "y.safetensors", "z.safetensors"]) == ("x.pth", "y.safetensors")
+    shipped = ["stcn-s_baseline_cpu.safetensors", "stcn-s_corr_cpu.safetensors", "stcn.pth",
+               "xmem-s_baseline.safetensors", "xmem-s_corr.safetensors"]
+    assert default_checkpoints(shipped) == ("stcn-s_baseline_cpu.safetensors", "stcn-s_corr_cpu.safetensors")
+    assert default_checkpoints(shipped[2:]) == ("xmem-s_baseline.safetensors", "xmem-s_corr.safetensors")
+    assert default_checkpoints(["a_baseline.pth", "b_corr.pth"]) == ("a_baseline.pth", "b_corr.pth")
+    assert default_checkpoints([]) == (None, None)
     empty = AppHandlers(AppConfig(checkpoints=tmp_path, device="cpu"))
     assert "No checkpoints found" in empty.checkpoint_message()
 
