@@ -33,6 +33,7 @@ from app.session import (
 from corrvos.errors import CheckpointError, CorrvosError, InputError
 from corrvos.io.masks import read_mask, write_mask
 from corrvos.io.video import VideoWriter, load_frames
+from corrvos.models.provenance import describe_checkpoint
 from corrvos.viz.compare import disagreement_view, frame_series
 from corrvos.viz.heatmap import match_strip, memory_frame_panel, summarize_affinity
 from corrvos.viz.overlay import overlay
@@ -107,14 +108,19 @@ class AppHandlers:
         a, b = default_checkpoints(names)
         return names, a, b
 
-    def checkpoint_message(self) -> str:
+    def checkpoint_message(self, ckpt_a: str | None = None, ckpt_b: str | None = None) -> str:
+        """How many checkpoints there are, and what the chosen A and B are (from their training record)."""
         names = list_checkpoints(self.config.checkpoints)
         if not names:
             return (
                 f"**No checkpoints found** in `{self.config.checkpoints}`. Put `*.safetensors` files (or upstream "
                 "`stcn.pth` / `XMem.pth`) there and press ↻."
             )
-        return f"{len(names)} checkpoint(s) in `{self.config.checkpoints}`."
+        lines = [f"{len(names)} checkpoint(s) in `{self.config.checkpoints}`."]
+        for slot, name in (("A", ckpt_a), ("B", ckpt_b)):
+            if name in names:
+                lines.append(f"**{slot}:** {describe_checkpoint(self.config.checkpoints / name)}")
+        return "  \n".join(lines)
 
     def header(self) -> str:
         c = self.config
@@ -130,7 +136,7 @@ class AppHandlers:
         return (
             gr.Dropdown(choices=names, value=a),
             gr.Dropdown(choices=names, value=b),
-            self.checkpoint_message(),
+            self.checkpoint_message(a, b),
         )
 
     # ------------------------------------------------------------------------------------------- input

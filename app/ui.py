@@ -25,7 +25,7 @@ def _hex(rgb) -> str:
 def build_demo(config: AppConfig | None = None) -> gr.Blocks:
     """The app as a ``gr.Blocks``; ``launch`` it (``python -m app`` does)."""
     h = AppHandlers(config)
-    names, ckpt_a, ckpt_b = h.checkpoint_choices()
+    names, default_a, default_b = h.checkpoint_choices()
     examples = list_examples()
     gpu = dict(concurrency_id="gpu", concurrency_limit=1)
     legend = (
@@ -49,10 +49,10 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
                 anno_t = gr.Slider(0, 1, value=0, step=1, label="Annotated frame (propagation runs forward and backward from it)",
                                    interactive=False, elem_id="anno-t")
                 with gr.Row():
-                    ckpt_a = gr.Dropdown(names, value=ckpt_a, label="Checkpoint A (baseline)", elem_id="ckpt-a", scale=4)
-                    ckpt_b = gr.Dropdown(names, value=ckpt_b, label="Checkpoint B (correspondence)", elem_id="ckpt-b", scale=4)
+                    ckpt_a = gr.Dropdown(names, value=default_a, label="Checkpoint A (baseline)", elem_id="ckpt-a", scale=4)
+                    ckpt_b = gr.Dropdown(names, value=default_b, label="Checkpoint B (correspondence)", elem_id="ckpt-b", scale=4)
                     refresh = gr.Button("↻", scale=1, min_width=40)
-                ckpt_msg = gr.Markdown(h.checkpoint_message())
+                ckpt_msg = gr.Markdown(h.checkpoint_message(default_a, default_b), elem_id="ckpt-msg")
                 with gr.Accordion("Mask PNG and ground truth (optional)", open=False):
                     mask_file = gr.File(label="Mask PNG for the annotated frame (replaces the drawing)", file_types=[".png"])
                     gt_files = gr.File(label="Ground-truth masks (PNGs or a zip) for J per frame", file_count="multiple",
@@ -108,6 +108,9 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
         anno_t.release(h.set_anno_frame, [anno_t], [editor], api_name="set_anno_frame")
         refresh.click(h.refresh_checkpoints, None, [ckpt_a, ckpt_b, ckpt_msg], api_visibility="private")
         demo.load(h.refresh_checkpoints, None, [ckpt_a, ckpt_b, ckpt_msg], api_visibility="private")
+        for dropdown in (ckpt_a, ckpt_b):
+            dropdown.change(h.checkpoint_message, [ckpt_a, ckpt_b], [ckpt_msg], api_visibility="private",
+                            show_progress="hidden")
 
         prop = run.click(
             h.propagate, [editor, mask_file, anno_t, ckpt_a, ckpt_b, gt_files],

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["build_model", "load_model", "save_model", "Tracker", "__version__"]
+__all__ = ["build_model", "load_model", "save_model", "describe_checkpoint", "Tracker", "__version__"]
 
 
 def __getattr__(name: str):
@@ -12,6 +12,10 @@ def __getattr__(name: str):
         from corrvos.models import checkpoint
 
         return getattr(checkpoint, name)
+    if name == "describe_checkpoint":
+        from corrvos.models.provenance import describe_checkpoint
+
+        return describe_checkpoint
     if name == "Tracker":
         from corrvos.inference.tracker import Tracker
 

@@ -76,6 +76,8 @@ def test_checkpoint_listing_and_defaults(assets, tmp_path):
     assert default_checkpoints(shipped[2:]) == ("xmem-s_baseline.safetensors", "xmem-s_corr.safetensors")
     assert default_checkpoints(["a_baseline.pth", "b_corr.pth"]) == ("a_baseline.pth", "b_corr.pth")
     assert default_checkpoints([]) == (None, None)
+    message = AppHandlers(AppConfig(checkpoints=assets["ckpt_dir"], device="cpu")).checkpoint_message(*names)
+    assert "**A:** stcn-s" in message and "**B:** stcn-s" in message
     empty = AppHandlers(AppConfig(checkpoints=tmp_path, device="cpu"))
     assert "No checkpoints found" in empty.checkpoint_message()
 

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "training scale, 480 for upstream files and models trained on 384 crops)")
     ap.add_argument("--correspondence", action="store_true",
                     help="with --checkpoint: also report mask precision@k and cycle consistency of the affinity")
+    ap.add_argument("--record", action="store_true",
+                    help="with --checkpoint (.safetensors, whole split): store J&F, J, F and the size in the file's "
+                         "metadata, where the app and corrvos.describe_checkpoint show them")
     ap.add_argument("--k", type=int, default=10, help="k of mask precision@k (default 10)")
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                     help="processes scoring sequences in parallel (default: min(4, CPUs))")
@@ -53,14 +56,19 @@ def _default_out(args: argparse.Namespace, year: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     from corrvos.eval.davis_eval import evaluate_results, format_tables, open_davis, write_csvs
 
+    if args.record and (args.checkpoint is None or args.sequences):
+        raise InputError("--record needs --checkpoint and the whole split (no --sequences): "
+                         "a recorded score must be the benchmark's.")
+    if args.record and args.checkpoint.suffix != ".safetensors":
+        raise InputError(f"--record writes into corrvos .safetensors files; {args.checkpoint.name} is not one.")
     start = time.perf_counter()
     sequences = [s.strip() for s in args.sequences.split(",") if s.strip()] if args.sequences else None
     split = open_davis(args.davis, args.split, args.year, sequences)
     progress = not args.no_progress
-    run_stats = corr = None
+    run_stats = corr = size = None
     if args.checkpoint is not None:
         results_dir = args.out or _default_out(args, split.year)
-        run_stats, corr = _run_model(args, split, results_dir, progress)
+        run_stats, corr, size = _run_model(args, split, results_dir, progress)
     else:
         if args.correspondence:
             raise InputError("--correspondence needs --checkpoint (it measures the model's own affinity); add one.")
@@ -74,6 +82,14 @@ def run(args: argparse.Namespace) -> int:
               f"{run_stats.model_seconds:.2f} s of model time: {run_stats.fps:.2f} FPS (amortised, I/O excluded)")
     if corr is not None:
         print("\n" + corr.format_table())
+    if args.record:
+        from corrvos.models.provenance import record_scores
+
+        g = result.global_scores()
+        benchmark = f"DAVIS-{split.year} {args.split}"
+        record_scores(args.checkpoint, benchmark, {"J&F": round(g["J&F-Mean"], 4), "J": round(g["J-Mean"], 4),
+                                                   "F": round(g["F-Mean"], 4), "size": size or "input"})
+        print(f"\nRecorded the {benchmark} scores in {args.checkpoint}")
     print(f"\nEvaluation took {result.seconds:.2f} s; total time {time.perf_counter() - start:.2f} s")
     return 0
 
@@ -96,7 +112,7 @@ def _run_model(args, split, results_dir: Path, progress: bool):
     print(f"{args.checkpoint.name}: processing at {f'{size}p' if size else 'the original size'} on {device}")
     stats = predict_split(split, model, results_dir, device=device, size=size,
                           progress=progress, on_frame=hook)
-    return stats, recorder
+    return stats, recorder, size
 
 
 def main(argv: list[str] | None = None) -> int:
