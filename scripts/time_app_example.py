@@ -1,9 +1,10 @@
 """Time the app's main path on the bundled example: propagate with two stcn-s checkpoints, then one click.
 
-    .venv/bin/python scripts/time_app_example.py [--device cpu]
+    .venv/bin/python scripts/time_app_example.py [--device cpu] [--shipped]
 
-Uses two random-weight stcn-s checkpoints in a temporary folder (speed does not depend on the weights)
-and calls the app's handlers directly, as a click in the browser would.
+Uses two random-weight stcn-s checkpoints in a temporary folder (run at 480p), or with --shipped the app's
+default pair from checkpoints/ (run at their training scale), and calls the app's handlers directly, as a
+click in the browser would.
 """
 import argparse
 import sys
@@ -24,20 +25,28 @@ from app.session import AppConfig, example_files, list_examples  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--shipped", action="store_true", help="time the shipped default pair instead of random weights")
     args = ap.parse_args()
-    folder = Path(tempfile.mkdtemp()) / "checkpoints"
-    folder.mkdir()
-    for seed, name in ((0, "a.safetensors"), (1, "b.safetensors")):
-        torch.manual_seed(seed)
-        corrvos.save_model(corrvos.build_model("stcn-s"), folder / name)
-    handlers = AppHandlers(AppConfig(checkpoints=folder, device=args.device))
+    if args.shipped:
+        handlers = AppHandlers(AppConfig(device=args.device))
+        names, a, b = handlers.checkpoint_choices()
+        if a is None:
+            sys.exit("no checkpoints in checkpoints/; run without --shipped")
+    else:
+        folder = Path(tempfile.mkdtemp()) / "checkpoints"
+        folder.mkdir()
+        a, b = "a.safetensors", "b.safetensors"
+        for seed, name in ((0, a), (1, b)):
+            torch.manual_seed(seed)
+            corrvos.save_model(corrvos.build_model("stcn-s"), folder / name)
+        handlers = AppHandlers(AppConfig(checkpoints=folder, device=args.device))
     example = list_examples()[0]
     handlers.load_example(example)
     _, mask_path = example_files(example)
     start = time.perf_counter()
-    for last in handlers.propagate(None, str(mask_path), 0, "a.safetensors", "b.safetensors"):
+    for last in handlers.propagate(None, str(mask_path), 0, a, b):
         pass
-    print(f"propagate A+B incl. overlay videos and chart: {time.perf_counter() - start:.1f} s")
+    print(f"{a} + {b}: propagate A+B incl. overlay videos and chart: {time.perf_counter() - start:.1f} s")
     print(last[3])
     start = time.perf_counter()
     handlers.affinity_at(30, 400, 200)
