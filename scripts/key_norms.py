@@ -22,17 +22,14 @@ sys.path.insert(0, str(REPO))
 
 from corrvos import load_model  # noqa: E402
 from corrvos.eval.davis_eval import open_davis  # noqa: E402
+from corrvos.imageops import normalize, to_float_image  # noqa: E402
 from corrvos.models.similarity import similarity  # noqa: E402
-
-MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
-STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
 
 
 def frame_pairs(davis: Path, sequences: list[str]) -> torch.Tensor:
     split = open_davis(davis, "val", None, sequences)
     images = [cv2.resize(np.asarray(split.frames(seq)[t]), (352, 192)) for seq in split.sequences for t in (0, 10)]
-    x = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 255
-    return (x - MEAN) / STD
+    return normalize(torch.stack([to_float_image(im) for im in images]))
 
 
 def main() -> None:
@@ -46,7 +43,7 @@ def main() -> None:
         model = load_model(path)
         with torch.no_grad():
             key = model.encode_key(x, need_shrinkage=False, need_selection=False).key
-            norms, top1, lo, hi = [], [], [], []
+            top1, lo, hi = [], [], []
             for i in range(0, key.shape[0], 2):
                 sim = similarity(key[i:i + 1].flatten(2), key[i + 1:i + 2].flatten(2))  # (1, memory, query)
                 top1.append(torch.softmax(sim, dim=1).max(dim=1).values.mean().item())

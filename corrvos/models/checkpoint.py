@@ -70,8 +70,6 @@ def save_model(
     ``dtype=torch.float16`` halves the file (floating tensors only; BN counters stay integers).
     Non-string ``extra_metadata`` values are stored as JSON.
     """
-    from safetensors.torch import save_file
-
     from corrvos import __version__
 
     path = Path(path)
@@ -89,6 +87,14 @@ def save_model(
     metadata[CONFIG_KEY] = module.config.to_json()
     metadata["corrvos_version"] = __version__
     path.parent.mkdir(parents=True, exist_ok=True)
+    write_safetensors(tensors, path, metadata)
+    return path
+
+
+def write_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file atomically: a crash mid-write never leaves a truncated checkpoint behind."""
+    from safetensors.torch import save_file
+
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -96,7 +102,6 @@ def save_model(
     finally:
         if tmp.exists():
             tmp.unlink()
-    return path
 
 
 def load_model(path: PathLike, device: str | torch.device | None = None) -> MatchingNetwork:

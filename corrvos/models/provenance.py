@@ -7,12 +7,11 @@ and ``describe_checkpoint`` can tell a user what a file is without a separate mo
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from corrvos.errors import CheckpointError
-from corrvos.models.checkpoint import CONFIG_KEY, PathLike, checkpoint_metadata, preferred_size
+from corrvos.models.checkpoint import CONFIG_KEY, PathLike, checkpoint_metadata, preferred_size, write_safetensors
 
 SCORES_KEY = "corrvos_scores"
 LOSS_NAMES = {"pcl": "PCL", "ocl": "OCL"}
@@ -30,7 +29,6 @@ def recorded_scores(metadata: dict[str, str]) -> dict[str, dict[str, Any]]:
 def record_scores(path: PathLike, benchmark: str, scores: dict[str, Any]) -> None:
     """Store ``scores`` under ``benchmark`` in a corrvos safetensors file, atomically; tensors are unchanged."""
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import save_file
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -46,13 +44,7 @@ def record_scores(path: PathLike, benchmark: str, scores: dict[str, Any]) -> Non
     all_scores = recorded_scores(metadata)
     all_scores[benchmark] = scores
     metadata[SCORES_KEY] = json.dumps(all_scores, sort_keys=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_safetensors(tensors, path, metadata)
 
 
 def describe_checkpoint(path: PathLike) -> str:
