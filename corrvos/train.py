@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, help="effective batch (over all GPUs and accumulation steps)")
     g.add_argument("--accum", type=int, default=1, help="gradient accumulation steps (emulate a larger batch)")
     g.add_argument("--lr", type=float, help="learning rate")
+    g.add_argument("--grad-clip", type=float, default=0.0, metavar="NORM",
+                   help="clip the global gradient norm to NORM before each step (0: off, as upstream); log.csv "
+                        "has the unclipped norm (grad_norm) either way")
     g.add_argument("--crop", type=int, help="square training crop in pixels (multiple of 16)")
     g.add_argument("--amp", choices=("bf16", "fp16", "none"),
                    help="mixed precision (default: bf16 on CUDA, none on the CPU)")
@@ -121,7 +124,7 @@ def options_from_args(args: argparse.Namespace):
         batch=args.batch, lr=args.lr, crop=args.crop, alpha_warmup=args.alpha_warmup, accum=args.accum,
         amp=args.amp, device=args.device, seed=args.seed, workers=args.workers, resume=args.resume, load=args.load,
         start_iteration=args.start_iteration, frame_cache=args.frame_cache, snapshot_every=args.snapshot_every,
-        imagenet=args.imagenet, bn=args.bn, bootstrap_p=args.bootstrap_p, proposals=args.proposals, repeats=args.repeats, sequences=args.sequences,
+        imagenet=args.imagenet, bn=args.bn, bootstrap_p=args.bootstrap_p, grad_clip=args.grad_clip, proposals=args.proposals, repeats=args.repeats, sequences=args.sequences,
         split=args.split, save_every=args.save_every, keep_last=args.keep_last, log_every=args.log_every,
         eval_every=args.eval_every, eval_data=args.eval_data, eval_sequences=args.eval_sequences,
         eval_size=args.eval_size, progress=args.progress,

@@ -65,7 +65,7 @@ def test_twenty_iterations_both_losses(davis2016_root, proposals, tmp_path):
     rows = _log(tmp_path)
     assert [int(r["iteration"]) for r in rows] == list(range(1, 21))
     for r in rows:
-        for k in ("loss", "ce", "pcl", "ocl"):
+        for k in ("loss", "ce", "pcl", "ocl", "grad_norm"):
             assert np.isfinite(float(r[k])), (k, r)
     assert float(rows[0]["alpha"]) == 0.0 and float(rows[-1]["alpha"]) == pytest.approx(0.2)
     assert max(float(r["ocl_n"]) for r in rows) > 0  # OCL really had queries with negatives
@@ -84,6 +84,28 @@ def test_twenty_iterations_both_losses(davis2016_root, proposals, tmp_path):
     after = again.net.state_dict()
     assert all(torch.equal(after[k], start[k]) for k in bn)
     assert not torch.equal(after["decoder.pred.weight"], start["decoder.pred.weight"])
+
+
+def test_gradient_clipping(davis2016_root, proposals, tmp_path):
+    from corrvos.training.trainer import Trainer
+
+    def grad_norm(net):
+        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in net.parameters() if p.grad is not None]))
+
+    for clip in (0.0, 1e-3):
+        trainer = Trainer(_options(davis2016_root, tmp_path / str(clip), proposals, iters=1, grad_clip=clip))
+        trainer.forward_module.train()
+        trainer._micro_step(next(iter(trainer._loader())), sync=True)
+        before = grad_norm(trainer.net)
+        logged = trainer._clip_gradients()
+        torch.testing.assert_close(logged, before)  # the log shows the norm before clipping
+        after = grad_norm(trainer.net)
+        if clip:
+            assert before > 10 * clip and after == pytest.approx(clip, rel=1e-3)
+        else:
+            assert after == before
+    with pytest.raises(ValueError, match="grad-clip"):
+        Trainer(_options(davis2016_root, tmp_path / "bad", proposals, grad_clip=-1.0))
 
 
 def test_resume_continues_exactly(davis2016_root, proposals, tmp_path):
@@ -155,9 +177,9 @@ def test_cli_options_wiring():
 
     args = build_parser().parse_args(["--model", "xmem-s", "--data", "a", "b", "--repeats", "5", "1", "--out", "o",
                                       "--corr", "pcl", "--no-cross-view", "--negatives", "intra", "--accum", "2",
-                                      "--bn", "train", "--bootstrap-p", "1.0"])
+                                      "--bn", "train", "--bootstrap-p", "1.0", "--grad-clip", "20"])
     opts = options_from_args(args)
-    assert opts.bn == "train" and opts.bootstrap_p == 1.0
+    assert opts.bn == "train" and opts.bootstrap_p == 1.0 and opts.grad_clip == 20.0
     assert opts.corr == {"pcl"} and not opts.cross_view and opts.negatives == "intra" and opts.accum == 2
     assert opts.data == ["a", "b"] and opts.repeats == [5, 1]
     with pytest.raises(ValueError):

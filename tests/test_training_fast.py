@@ -235,3 +235,21 @@ def _collate(trainer, step: int) -> dict:
     from torch.utils.data import default_collate
 
     return default_collate([trainer.dataset[SampleKey(i, step, 5)] for i in range(2)])
+
+
+def test_recipe_stage_commands_parse_with_train_py(tmp_path):
+    """Every option the recipe forwards (crop, LR, BN, bootstrap, gradient clipping...) is one train.py accepts."""
+    from corrvos.train import build_parser as train_parser
+    from corrvos.train import options_from_args
+    from corrvos.training.recipe import Arm, build_parser, stage_command
+
+    args = build_parser().parse_args(["run", "--data", str(tmp_path), "--out", str(tmp_path / "OUT"), "--device", "cpu",
+                                      "--crop", "160", "--batch", "4", "--lr", "1e-3", "--bn", "train",
+                                      "--grad-clip", "20", "--sequences", "bear,boat"])
+    args.frame_cache = tmp_path / "frames"
+    cmd = stage_command(Arm("xmem-s", "corr", (6, 8)), 1, args, 0, tmp_path / "main", tmp_path / "w.safetensors", 4)
+    assert cmd[1].endswith("train.py")
+    opts = options_from_args(train_parser().parse_args(cmd[2:]))
+    assert (opts.grad_clip, opts.crop, opts.batch, opts.lr, opts.bn) == (20.0, 160, 4, 1e-3, "train")
+    assert (opts.stage, opts.iters, opts.start_iteration, opts.sequences) == ("main", 8, 4, ["bear", "boat"])
+    assert opts.corr == {"pcl", "ocl"} and opts.load.endswith("w.safetensors")

@@ -171,7 +171,7 @@ def stage_command(arm: Arm, stage: int, args: argparse.Namespace, workers: int, 
         cmd += ["--start-iteration", str(start_iteration)]
     for flag, value in (("--device", args.device), ("--crop", args.crop), ("--sequences", args.sequences),
                         ("--batch", args.batch), ("--lr", args.lr), ("--bn", args.bn),
-                        ("--bootstrap-p", args.bootstrap_p)):
+                        ("--bootstrap-p", args.bootstrap_p), ("--grad-clip", args.grad_clip)):
         if value:
             cmd += [flag, str(value)]
     return cmd
@@ -356,7 +356,8 @@ def collect(arms: list[Arm], args: argparse.Namespace, iters: dict, workers: int
     summary = {
         "recipe": "corrvos.training.recipe", "seed": args.seed, "iters": {m: list(v) for m, v in iters.items()},
         "models": args.models, "data": str(args.data), "proposals": str(args.proposals) if args.proposals else None,
-        "crop": args.crop, "batch": args.batch, "lr": args.lr, "bn": args.bn, "bootstrap_p": args.bootstrap_p, "device": args.device or "cuda",
+        "crop": args.crop, "batch": args.batch, "lr": args.lr, "bn": args.bn, "bootstrap_p": args.bootstrap_p,
+        "grad_clip": args.grad_clip, "device": args.device or "cuda",
         "threads_per_arm": args.threads, "sequences": args.sequences, "snapshot_every": args.snapshot_every,
         "loader_workers_per_arm": workers, "arms_concurrently": len(arms), "budget_s": args.budget_s,
         "decode_s": round(decode_s, 1), "train_wall_s": round(train_s, 1), "wall_s": round(wall, 1),
@@ -406,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bootstrap-p", type=float, default=1.0,
                    help="final hardest-pixel fraction of the CE (default 1.0: plain CE; with upstream's 0.15 every arm "
                         "of the first CPU run collapsed to a constant output once p reached 0.15)")
+    r.add_argument("--grad-clip", type=float, default=0.0, metavar="NORM",
+                   help="clip the global gradient norm (train.py --grad-clip; 0: off)")
     r.add_argument("--threads", type=int, default=2, help="torch threads per arm (the CPU arms share the cores)")
     r.add_argument("--workers", type=int, help="loader workers per arm (default: the cores left over, shared)")
     r.add_argument("--sequences", help="comma-separated train sequences (default: all 30)")

@@ -78,6 +78,9 @@ class TrainOptions:
     # Final fraction of hardest pixels of the bootstrapped CE (upstream 0.15); 1.0 = plain CE. From
     # random weights on a short schedule 0.15 kills the decoder (see docs/training.md).
     bootstrap_p: float = BOOTSTRAP_FINAL_P
+    # Clip the global gradient norm to this value before the optimiser step (0: off, as upstream).
+    # From random weights at lr 1e-3 Adam took a few huge steps that wrecked the CPU runs (docs/training.md).
+    grad_clip: float = 0.0
     proposals: str | None = None
     repeats: list[int] | None = None
     sequences: list[str] | None = None
@@ -246,6 +249,8 @@ class Trainer:
         if self.batch % (self.world * opts.accum):
             raise ValueError(f"the batch {self.batch} must be divisible by GPUs x --accum = {self.world * opts.accum}")
         self.micro_batch = self.batch // (self.world * opts.accum)
+        if not opts.grad_clip >= 0:
+            raise ValueError(f"--grad-clip must be 0 (off) or a positive norm, not {opts.grad_clip}")
         self.crop = opts.crop or preset.crop
         self.amp_dtype = _amp_dtype(opts.amp, self.device)
 
@@ -487,6 +492,18 @@ class Trainer:
                     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
                     buf.div_(self.world)
 
+    def _clip_gradients(self) -> torch.Tensor:
+        """Global L2 norm of the (unscaled) gradients, before clipping; clips to ``opts.grad_clip`` if set.
+
+        Logged every step: a norm that jumps by orders of magnitude is the first sign of divergence.
+        Stays a device tensor so that the step keeps its single synchronisation (stats_to_floats).
+        """
+        self.scaler.unscale_(self.optimizer)  # no-op without fp16 loss scaling
+        params = [p for p in self.net.parameters() if p.grad is not None]
+        if self.opts.grad_clip > 0:
+            return nn.utils.clip_grad_norm_(params, self.opts.grad_clip, foreach=True)
+        return nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+
     def train_step(self, batches: list[dict[str, Any]]) -> dict[str, float]:
         """One optimiser step over ``accum`` micro-batches; returns the averaged loss terms."""
         self.forward_module.train()
@@ -498,6 +515,7 @@ class Trainer:
             stats = self._micro_step(batch, sync=i == len(batches) - 1)
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v / len(batches)
+        totals["grad_norm"] = self._clip_gradients()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -526,7 +544,8 @@ class Trainer:
                 batches = [next(loader_iter) for _ in range(opts.accum)]
                 stats = self.train_step(batches)
                 it = self.iteration
-                if not all(math.isfinite(v) for v in stats.values()):
+                # grad_norm is inf on the fp16 steps the grad scaler skips by design.
+                if not all(math.isfinite(v) for k, v in stats.items() if k != "grad_norm"):
                     raise FloatingPointError(f"a loss became non-finite at iteration {it}: {stats}; lower the "
                                              "learning rate or use --amp bf16 / none.")
                 bar.update(1)
