@@ -215,6 +215,30 @@ def test_truncated_files_are_reported_as_truncated(tmp_path):
             cut_path.unlink()
 
 
+def test_metadata_reads_the_header_only_with_the_same_checks(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    path = save_model(build_model("stcn-s"), tmp_path / "m.safetensors", extra_metadata={"note": "x"})
+
+    def no_tensor_reads(*args, **kwargs):
+        raise AssertionError("checkpoint_metadata loaded the tensors")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", no_tensor_reads)
+    assert checkpoint_metadata(path)["note"] == "x"
+    data = path.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) - 10])
+    with pytest.raises(CheckpointError, match="cut.safetensors is truncated"):
+        checkpoint_metadata(cut)
+    header_len = int.from_bytes(data[:8], "little")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(data[:9] + b"\xff" * (header_len - 1) + data[8 + header_len:])
+    with pytest.raises(CheckpointError, match="corrupt safetensors header"):
+        checkpoint_metadata(broken)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        checkpoint_metadata(tmp_path / "nope.safetensors")
+
+
 def test_random_bytes_and_empty_files_are_rejected(tmp_path):
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"\x00" + os.urandom(4096))

@@ -193,7 +193,7 @@ def test_pack_and_recipe_planning(davis2016_root, tmp_path):
 
 def test_start_iteration_continues_the_schedule(davis2016_root, tmp_path):
     from corrvos.models.config import get_config
-    from corrvos.training.recipe import weights_metadata
+    from corrvos.models.checkpoint import checkpoint_metadata
     from corrvos.training.trainer import Trainer, TrainOptions
 
     tiny = get_config("stcn-s").replace(value_dim=32, value_widths=(16, 32, 64), decoder_dims=(32, 16, 16))
@@ -207,7 +207,7 @@ def test_start_iteration_continues_the_schedule(davis2016_root, tmp_path):
         full.train_step([_collate(full, full.iteration)])
     snap = Path(tmp_path / "full" / "snapshots")
     full.save_snapshot()
-    meta = weights_metadata(snap / "weights_00000004.safetensors")
+    meta = checkpoint_metadata(snap / "weights_00000004.safetensors")
     assert meta["stage"] == "main" and meta["iterations"] == "4" and meta["stage_iters"] == "4"
     assert (snap / "weights_00000004.safetensors").stat().st_size < 0.6 * sum(
         v.numel() * 4 for v in full.net.state_dict().values())  # fp16

@@ -146,7 +146,17 @@ def preferred_size(metadata: dict[str, str]) -> int:
 
 
 def checkpoint_metadata(path: PathLike) -> dict[str, str]:
-    """The string metadata of a corrvos safetensors file ({} for upstream ``.pth`` files)."""
+    """The string metadata of a corrvos safetensors file ({} for upstream ``.pth`` files).
+
+    Reads only the safetensors header (the app asks on every checkpoint choice), with the same
+    checks as a full read: a truncated file or a corrupt header is a CheckpointError.
+    """
+    path = Path(path)
+    size = _check_file(path)
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if _looks_like_safetensors(head):
+        return _metadata_strings(_safetensors_header(path, size))
     return read_checkpoint(path)[2]
 
 
@@ -271,16 +281,22 @@ def _preset_name(config: ModelConfig) -> str:
 # File reading
 
 
-def _read_file(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+def _check_file(path: Path) -> int:
+    """The size of an existing, non-empty checkpoint file."""
     if not path.exists():
         raise CheckpointError(f"Checkpoint file {path} does not exist; check the path.")
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder, not a checkpoint file; pass the .pth or .safetensors file.")
     size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(9)
     if size == 0:
         raise CheckpointError(f"Checkpoint file {path} is empty; download or copy it again.")
+    return size
+
+
+def _read_file(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    size = _check_file(path)
+    with open(path, "rb") as f:
+        head = f.read(9)
     if _looks_like_safetensors(head):
         return _read_safetensors(path, size)
     if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
@@ -299,10 +315,8 @@ def _truncated(path: Path) -> CheckpointError:
     return CheckpointError(f"{path.name} is truncated (the file ends early); download or copy it again.")
 
 
-def _read_safetensors(path: Path, size: int) -> tuple[dict[str, Tensor], dict[str, str]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def _safetensors_header(path: Path, size: int) -> dict:
+    """The parsed JSON header; CheckpointError when it is corrupt or the tensor data it lists is cut off."""
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         if 8 + header_len > size:
@@ -314,12 +328,24 @@ def _read_safetensors(path: Path, size: int) -> tuple[dict[str, Tensor], dict[st
     ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
     if ends and 8 + header_len + max(ends) > size:
         raise _truncated(path)
+    return header
+
+
+def _metadata_strings(header: dict) -> dict[str, str]:
+    metadata = header.get("__metadata__") or {}
+    return {str(k): str(v) for k, v in metadata.items()}
+
+
+def _read_safetensors(path: Path, size: int) -> tuple[dict[str, Tensor], dict[str, str]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    header = _safetensors_header(path, size)
     try:
         tensors = load_file(str(path), device="cpu")
     except SafetensorError as err:
         raise CheckpointError(f"{path.name} is a corrupt safetensors file ({err}); download or copy it again.") from err
-    metadata = header.get("__metadata__") or {}
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+    return tensors, _metadata_strings(header)
 
 
 def _read_torch(path: Path, head: bytes) -> dict[str, Tensor]:

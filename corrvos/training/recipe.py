@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from corrvos.errors import DatasetError
+from corrvos.models.checkpoint import checkpoint_metadata
 from corrvos.training.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -130,13 +131,6 @@ def pack(data: Path, proposals: Path | None, out: Path, split: str = "train",
 
 # ----------------------------------------------------------------------------------------------- run
 
-def weights_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
-
-
 def plan_arms(models: list[str], iters: dict[str, tuple[int, int]], resume_from: Path | None) -> list[Arm]:
     arms = []
     for model in models:
@@ -144,7 +138,7 @@ def plan_arms(models: list[str], iters: dict[str, tuple[int, int]], resume_from:
             arm = Arm(model, variant, iters[model])
             carried = resume_from / f"{arm.name}.safetensors" if resume_from else None
             if carried is not None and carried.is_file():
-                meta = weights_metadata(carried)
+                meta = checkpoint_metadata(carried)
                 stage = STAGES.index(meta["stage"])
                 if int(meta["stage_iters"]) != arm.iters[stage]:
                     raise ValueError(f"{carried} comes from a {meta['stage']} stage of {meta['stage_iters']} iterations "
