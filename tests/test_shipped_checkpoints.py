@@ -66,5 +66,5 @@ def test_pairs_share_their_training_budget():
             continue
         assert meta["iterations"] == by_name[twin]["iterations"], f"{name} and {twin} stop at different iterations"
         a, b = json.loads(meta["train_options"]), json.loads(by_name[twin]["train_options"])
-        for key in ("iters", "batch", "crop", "lr", "seed", "model", "bn", "bootstrap_p", "sequences"):
+        for key in ("iters", "batch", "crop", "lr", "seed", "model", "bn", "bootstrap_p", "grad_clip", "sequences"):
             assert a.get(key) == b.get(key), f"{name} and {twin} differ in {key}"
