@@ -3,7 +3,8 @@
     .venv/bin/python scripts/plot_training_curves.py /tmp/corrvos-recipe-cpu --out docs/cpu_run3_curves.png
 
 One row per model: the segmentation loss (bootstrapped CE, + Dice for XMem) of the baseline and the
-correspondence arm over static pretraining then main training, and the corr arm's L_PCL and L_OCL.
+correspondence arm over static pretraining then main training, the corr arm's L_PCL and L_OCL, and (for
+logs that have it) both arms' gradient norm before clipping, on a log scale.
 Curves are smoothed with a moving average over ``--smooth`` logged rows (raw rows are too noisy at
 batch 4 to compare arms by eye).
 """
@@ -71,7 +72,9 @@ def plot(logs: dict, out: Path, smooth_rows: int, title: str) -> None:
     import matplotlib.pyplot as plt
 
     models = sorted({arm.rsplit("_", 1)[0] for arm in logs})
-    fig, axes = plt.subplots(len(models), 2, figsize=(11, 3.6 * len(models)), squeeze=False)
+    has_norms = any("grad_norm" in r for stages in logs.values() for rows in stages.values() for r in rows)
+    cols = 3 if has_norms else 2
+    fig, axes = plt.subplots(len(models), cols, figsize=(5.5 * cols, 3.6 * len(models)), squeeze=False)
     for row, model in zip(axes, models):
         base, corr = logs.get(f"{model}_baseline", {}), logs.get(f"{model}_corr", {})
         static_iters = int(max((r["iteration"] for r in (base.get("static") or corr.get("static") or [])), default=0))
@@ -85,6 +88,13 @@ def plot(logs: dict, out: Path, smooth_rows: int, title: str) -> None:
             if len(x):
                 row[1].plot(x, smooth(y, smooth_rows), color=colour, label=f"L_{name.upper()} (corr arm)")
         row[1].set_title(f"{model}: correspondence losses of the corr arm")
+        if has_norms:
+            for stages, label, colour in ((base, "baseline", "tab:blue"), (corr, "corr", "tab:red")):
+                x, y = series(stages, "grad_norm", static_iters)
+                if len(x):
+                    row[2].plot(x, smooth(y, smooth_rows), color=colour, label=label)
+            row[2].set_yscale("log")
+            row[2].set_title(f"{model}: gradient norm before clipping")
         for ax in row:
             if static_iters and (base.get("main") or corr.get("main")):
                 ax.axvline(static_iters, color="grey", linestyle="--", linewidth=0.8)
