@@ -169,6 +169,10 @@ def test_safetensors_round_trip_fp32_and_fp16(tmp_path, name):
             assert torch.equal(got, value.half().float()), key
         else:
             assert torch.equal(got, value), key
+    # Readable like any new file under the umask (safetensors alone would make it 0600).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert p16.stat().st_mode & 0o777 == 0o666 & ~umask
     # Atomic write: no temporary files are left next to the checkpoints.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m16.safetensors", "m32.safetensors"]
 

@@ -97,7 +97,12 @@ def write_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        # safetensors creates its files as 0600; a checkpoint should get the permissions any new file
+        # gets under the user's umask (0644 usually), like torch.save's, so that others can read it.
+        tmp.touch()
+        mode = tmp.stat().st_mode & 0o777
         save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
