@@ -1,9 +1,9 @@
 """Time the app's main path on the bundled example: propagate with two stcn-s checkpoints, then one click.
 
-    .venv/bin/python scripts/time_app_example.py [--device cpu] [--shipped]
+    .venv/bin/python scripts/time_app_example.py [--device cpu] [--shipped [--pair A B]]
 
 Uses two random-weight stcn-s checkpoints in a temporary folder (run at 480p), or with --shipped the app's
-default pair from checkpoints/ (run at their training scale), and calls the app's handlers directly, as a
+default pair from checkpoints/ (run at their training scale; --pair names two other files there), and calls the app's handlers directly, as a
 click in the browser would.
 """
 import argparse
@@ -26,10 +26,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--shipped", action="store_true", help="time the shipped default pair instead of random weights")
+    ap.add_argument("--pair", nargs=2, metavar=("A", "B"), help="with --shipped: these two files of checkpoints/")
     args = ap.parse_args()
     if args.shipped:
         handlers = AppHandlers(AppConfig(device=args.device))
         names, a, b = handlers.checkpoint_choices()
+        if args.pair:
+            missing = [n for n in args.pair if n not in names]
+            if missing:
+                sys.exit(f"not in checkpoints/: {', '.join(missing)}; choose from {', '.join(names)}")
+            a, b = args.pair
         if a is None:
             sys.exit("no checkpoints in checkpoints/; run without --shipped")
     else:
