@@ -1,10 +1,10 @@
-"""Time the app's main path on the bundled example: propagate with two stcn-s checkpoints, then one click.
+"""Time the app's main path on the bundled example: propagate with two checkpoints, then one click.
 
     .venv/bin/python scripts/time_app_example.py [--device cpu] [--shipped [--pair A B]]
 
 Uses two random-weight stcn-s checkpoints in a temporary folder (run at 480p), or with --shipped the app's
-default pair from checkpoints/ (run at their training scale; --pair names two other files there), and calls the app's handlers directly, as a
-click in the browser would.
+default pair from checkpoints/ (run at their training scale; --pair names two other files there), and calls
+the app's handlers directly, as a click in the browser would.
 """
 import argparse
 import sys

@@ -157,9 +157,7 @@ def checkpoint_metadata(path: PathLike) -> dict[str, str]:
     checks as a full read: a truncated file or a corrupt header is a CheckpointError.
     """
     path = Path(path)
-    size = _check_file(path)
-    with open(path, "rb") as f:
-        head = f.read(9)
+    size, head = _check_file(path)
     if _looks_like_safetensors(head):
         return _metadata_strings(_safetensors_header(path, size))
     return read_checkpoint(path)[2]
@@ -286,8 +284,8 @@ def _preset_name(config: ModelConfig) -> str:
 # File reading
 
 
-def _check_file(path: Path) -> int:
-    """The size of an existing, non-empty checkpoint file."""
+def _check_file(path: Path) -> tuple[int, bytes]:
+    """Size and first 9 bytes (enough to tell the format) of an existing, non-empty checkpoint file."""
     if not path.exists():
         raise CheckpointError(f"Checkpoint file {path} does not exist; check the path.")
     if path.is_dir():
@@ -295,13 +293,12 @@ def _check_file(path: Path) -> int:
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"Checkpoint file {path} is empty; download or copy it again.")
-    return size
+    with open(path, "rb") as f:
+        return size, f.read(9)
 
 
 def _read_file(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    size = _check_file(path)
-    with open(path, "rb") as f:
-        head = f.read(9)
+    size, head = _check_file(path)
     if _looks_like_safetensors(head):
         return _read_safetensors(path, size)
     if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
