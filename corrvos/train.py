@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--start-iteration", type=int, default=0, metavar="K",
                    help="with --load: continue the schedule (LR drops, curriculum, data stream) at iteration K from "
                         "those weights with a fresh optimiser state, when no full checkpoint exists")
+    g.add_argument("--stop-at", type=int, metavar="K",
+                   help="end after iteration K with a resumable checkpoint while the schedule still spans --iters "
+                        "(a time-boxed part of a run, or a run cut short on purpose); continue with --resume")
     g.add_argument("--frame-cache", metavar="DIR",
                    help="decode every frame and mask of --data once into uint8 .npy files under DIR and memory-map "
                         "them (much cheaper samples; DAVIS-2016 train takes 3.4 GB)")
@@ -136,10 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     from corrvos.training.trainer import Trainer, _cleanup_distributed
 
     try:
+        if args.stop_at is not None and args.stop_at < 1:
+            raise ValueError(f"--stop-at must be a positive iteration, got {args.stop_at}.")
         trainer = Trainer(options_from_args(args))
-        path = trainer.train()
+        path = trainer.train(stop_at=args.stop_at)
         if trainer.is_main:
-            print(f"final weights: {path}")
+            print(f"final weights: {path}" if path is not None else
+                  f"stopped at iteration {trainer.iteration} of {trainer.iters}; continue with --resume")
         return 0
     except (CorrvosError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -216,6 +216,9 @@ def test_start_iteration_continues_the_schedule(davis2016_root, tmp_path):
     first = Trainer(TrainOptions(out=str(tmp_path / "a"), **base))
     first.train(stop_at=2)
     assert sorted(p.name for p in (tmp_path / "a" / "snapshots").iterdir()) == ["weights_00000002.safetensors"]
+    # A stop between snapshot points still leaves the weights it stopped at.
+    Trainer(TrainOptions(out=str(tmp_path / "odd"), **base)).train(stop_at=1)
+    assert sorted(p.name for p in (tmp_path / "odd" / "snapshots").iterdir()) == ["weights_00000001.safetensors"]
     cont = Trainer(TrainOptions(out=str(tmp_path / "b"), load=str(tmp_path / "a" / "snapshots" /
                                                                    "weights_00000002.safetensors"),
                                 start_iteration=2, **base))
@@ -241,7 +244,9 @@ def test_recipe_stage_commands_parse_with_train_py(tmp_path):
     """Every option the recipe forwards (crop, LR, BN, bootstrap, gradient clipping...) is one train.py accepts."""
     from corrvos.train import build_parser as train_parser
     from corrvos.train import options_from_args
-    from corrvos.training.recipe import Arm, build_parser, stage_command
+    from corrvos.train import main as train_main
+    from corrvos.training.recipe import Arm, build_parser, plan_arms, stage_command
+    from corrvos.training.recipe import main as recipe_main
 
     args = build_parser().parse_args(["run", "--data", str(tmp_path), "--out", str(tmp_path / "OUT"), "--device", "cpu",
                                       "--crop", "160", "--batch", "4", "--lr", "1e-3", "--bn", "train",
@@ -253,3 +258,16 @@ def test_recipe_stage_commands_parse_with_train_py(tmp_path):
     assert (opts.grad_clip, opts.crop, opts.batch, opts.lr, opts.bn) == (20.0, 160, 4, 1e-3, "train")
     assert (opts.stage, opts.iters, opts.start_iteration, opts.sequences) == ("main", 8, 4, ["bear", "boat"])
     assert opts.corr == {"pcl", "ocl"} and opts.load.endswith("w.safetensors")
+    assert "--stop-at" not in cmd
+
+    # Table 4 arms cut short: the stage that holds the stop point ends there, the schedule keeps --iters.
+    arms = plan_arms(["stcn-s"], {"stcn-s": (6, 8)}, None, ("pcl", "ocl"), (1, 5))
+    assert [(a.name, a.corr, a.end) for a in arms] == [("stcn-s_pcl", "pcl", (1, 5)), ("stcn-s_ocl", "ocl", (1, 5))]
+    static = stage_command(arms[1], 0, args, 0, tmp_path / "s", None, 0)
+    main = train_parser().parse_args(stage_command(arms[1], 1, args, 0, tmp_path / "m", tmp_path / "w.safetensors", 0)[2:])
+    assert "--stop-at" not in static and (main.stop_at, main.iters, main.corr) == (5, 8, "ocl")
+    assert plan_arms(["stcn-s"], {"stcn-s": (6, 8)}, None, ("baseline",), (0, 6))[0].end == (0, 6)  # static only
+    with pytest.raises(ValueError, match="outside"):
+        plan_arms(["stcn-s"], {"stcn-s": (6, 8)}, None, ("pcl",), (1, 9))
+    assert recipe_main(["run", "--data", str(tmp_path), "--out", str(tmp_path / "O"), "--stop-at", "main"]) == 2
+    assert train_main(["--model", "stcn-s", "--data", str(tmp_path), "--out", str(tmp_path / "t"), "--stop-at", "0"]) == 2

@@ -47,7 +47,9 @@ from corrvos.models.checkpoint import checkpoint_metadata
 from corrvos.training.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
-VARIANTS = {"baseline": "none", "corr": "pcl,ocl"}
+# Arm variants: the shipped pair is baseline + corr; pcl and ocl complete the paper's Table 4 ablation.
+VARIANTS = {"baseline": "none", "corr": "pcl,ocl", "pcl": "pcl", "ocl": "ocl"}
+DEFAULT_VARIANTS = ("baseline", "corr")
 # Iterations (static, main) per model for one ~9-minute job on one H100, four arms at once: see
 # docs/training.md for the arithmetic. Both arms of a pair always get the same numbers.
 DEFAULT_ITERS = {"stcn-s": (300, 800), "xmem-s": (200, 500)}
@@ -64,6 +66,7 @@ class Arm:
     snapshots: dict[Point, Path] = field(default_factory=dict)
     stages: dict[str, dict] = field(default_factory=dict)
     error: str | None = None
+    stop: Point | None = None  # end here instead of at the end of the main stage (schedule unchanged)
 
     @property
     def name(self) -> str:
@@ -75,7 +78,7 @@ class Arm:
 
     @property
     def end(self) -> Point:
-        return (1, self.iters[1])
+        return self.normalise(self.stop) if self.stop is not None else (1, self.iters[1])
 
     def normalise(self, point: Point) -> Point:
         """(0, static iters) and (1, 0) are the same weights; use the first form."""
@@ -131,11 +134,15 @@ def pack(data: Path, proposals: Path | None, out: Path, split: str = "train",
 
 # ----------------------------------------------------------------------------------------------- run
 
-def plan_arms(models: list[str], iters: dict[str, tuple[int, int]], resume_from: Path | None) -> list[Arm]:
+def plan_arms(models: list[str], iters: dict[str, tuple[int, int]], resume_from: Path | None,
+              variants: tuple[str, ...] = DEFAULT_VARIANTS, stop: Point | None = None) -> list[Arm]:
     arms = []
     for model in models:
-        for variant in VARIANTS:
-            arm = Arm(model, variant, iters[model])
+        if stop is not None and not (0 < stop[1] <= iters[model][stop[0]]):
+            raise ValueError(f"--stop-at {STAGES[stop[0]]}:{stop[1]} is outside {model}'s "
+                             f"{iters[model][stop[0]]} {STAGES[stop[0]]} iterations.")
+        for variant in variants:
+            arm = Arm(model, variant, iters[model], stop=stop)
             carried = resume_from / f"{arm.name}.safetensors" if resume_from else None
             if carried is not None and carried.is_file():
                 meta = checkpoint_metadata(carried)
@@ -144,6 +151,8 @@ def plan_arms(models: list[str], iters: dict[str, tuple[int, int]], resume_from:
                     raise ValueError(f"{carried} comes from a {meta['stage']} stage of {meta['stage_iters']} iterations "
                                      f"but this plan has {arm.iters[stage]}; pass the same --iters as the first job.")
                 arm.start = arm.normalise((stage, int(meta["iterations"])))
+                if arm.start > arm.end:
+                    raise ValueError(f"{carried} is already past --stop-at ({meta['stage']} {meta['iterations']}).")
                 arm.start_weights = carried
                 arm.snapshots[arm.start] = carried
             arms.append(arm)
@@ -163,6 +172,8 @@ def stage_command(arm: Arm, stage: int, args: argparse.Namespace, workers: int, 
         cmd += ["--load", str(load)]
     if start_iteration:
         cmd += ["--start-iteration", str(start_iteration)]
+    if stage == arm.end[0] and arm.end[1] < arm.iters[stage]:
+        cmd += ["--stop-at", str(arm.end[1])]
     for flag, value in (("--device", args.device), ("--crop", args.crop), ("--sequences", args.sequences),
                         ("--batch", args.batch), ("--lr", args.lr), ("--bn", args.bn),
                         ("--bootstrap-p", args.bootstrap_p), ("--grad-clip", args.grad_clip)):
@@ -189,7 +200,7 @@ def run_arm(arm: Arm, args: argparse.Namespace, workers: int, stop: threading.Ev
     load, (stage0, k) = arm.start_weights, arm.start
     if arm.start == (0, arm.iters[0]):
         stage0, k = 1, 0
-    for stage in range(stage0, len(STAGES)):
+    for stage in range(stage0, arm.end[0] + 1):
         if stop.is_set() or arm.error:
             return
         out = args.work / arm.name / STAGES[stage]
@@ -269,7 +280,13 @@ def run(args: argparse.Namespace) -> int:
         model, _, value = item.partition("=")
         static, _, main = value.partition(",")
         iters[model] = (int(static), int(main))
-    arms = plan_arms(args.models, iters, args.resume_from)
+    stop_at = None
+    if args.stop_at:
+        stage, _, k = args.stop_at.partition(":")
+        if stage not in STAGES or not k.isdigit():
+            raise ValueError(f"--stop-at takes STAGE:ITERATION with STAGE in {STAGES}, not {args.stop_at!r}.")
+        stop_at = (STAGES.index(stage), int(k))
+    arms = plan_arms(args.models, iters, args.resume_from, tuple(args.variants), stop_at)
     cpus = args.cpus or os.cpu_count() or 1
     workers = args.workers if args.workers is not None else max(1, (cpus - len(arms)) // len(arms))
     shm = shutil.disk_usage("/dev/shm").total / 2**30 if Path("/dev/shm").is_dir() else 0.0
@@ -353,6 +370,7 @@ def collect(arms: list[Arm], args: argparse.Namespace, iters: dict, workers: int
         "crop": args.crop, "batch": args.batch, "lr": args.lr, "bn": args.bn, "bootstrap_p": args.bootstrap_p,
         "grad_clip": args.grad_clip, "device": args.device or "cuda",
         "threads_per_arm": args.threads, "sequences": args.sequences, "snapshot_every": args.snapshot_every,
+        "variants": args.variants, "stop_at": args.stop_at,
         "loader_workers_per_arm": workers, "arms_concurrently": len(arms), "budget_s": args.budget_s,
         "decode_s": round(decode_s, 1), "train_wall_s": round(train_s, 1), "wall_s": round(wall, 1),
         "gpu_minutes": round(wall / 60, 2) if args.device != "cpu" else 0.0, "gpu": gpu_query().get("name"), "peak_gpu_memory_mib": peak_mem,
@@ -384,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--models", nargs="+", default=list(DEFAULT_ITERS), choices=list(DEFAULT_ITERS))
     r.add_argument("--iters", nargs="+", metavar="MODEL=STATIC,MAIN",
                    help=f"iterations per model (default {' '.join(f'{m}={s},{n}' for m, (s, n) in DEFAULT_ITERS.items())})")
+    r.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
+                   help="arms per model: baseline (--corr none), corr (pcl,ocl), pcl, ocl (the paper's Table 4)")
+    r.add_argument("--stop-at", metavar="STAGE:ITERATION",
+                   help="end every arm there, e.g. main:1000, with the schedule of the full --iters (default: the end)")
     r.add_argument("--budget-s", type=float, default=540.0, help="wall-clock seconds for the whole job")
     r.add_argument("--reserve-s", type=float, default=20.0, help="of which kept for writing the results")
     r.add_argument("--snapshot-every", type=int, default=25, help="fp16 weights every N iterations (pair sync points)")
@@ -415,7 +437,11 @@ def main(argv: list[str] | None = None) -> int:
         size = pack(args.data, args.proposals, args.out, args.split)
         print(f"packed {args.out}: {size / 2**20:.1f} MiB")
         return 0
-    return run(args)
+    try:
+        return run(args)
+    except (ValueError, DatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

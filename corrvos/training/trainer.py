@@ -568,6 +568,8 @@ class Trainer:
                 if stop_at is not None and it >= stop_at and it < self.iters:
                     if not (opts.save_every and it % opts.save_every == 0):
                         self.save_checkpoint()
+                    if opts.snapshot_every and it % opts.snapshot_every:
+                        self.save_snapshot()  # the weights where the run was cut are what its user wants
                     return None
         finally:
             bar.close()
