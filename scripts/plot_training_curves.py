@@ -2,9 +2,9 @@
 
     .venv/bin/python scripts/plot_training_curves.py /tmp/corrvos-recipe-cpu --out docs/cpu_run3_curves.png
 
-One row per model: the segmentation loss (bootstrapped CE, + Dice for XMem) of the baseline and the
-correspondence arm over static pretraining then main training, the corr arm's L_PCL and L_OCL, and (for
-logs that have it) both arms' gradient norm before clipping, on a log scale.
+One row per model: the segmentation loss (bootstrapped CE, + Dice for XMem) of every arm found (baseline,
++PCL, +OCL, corr) over static pretraining then main training, the arms' L_PCL and L_OCL, and (for logs
+that have it) their gradient norm before clipping, on a log scale.
 Curves are smoothed with a moving average over ``--smooth`` logged rows (raw rows are too noisy at
 batch 4 to compare arms by eye).
 """
@@ -65,6 +65,29 @@ def seg_loss(stages: dict[str, list[dict[str, float]]], offset: int) -> tuple[np
     return x, ce + dice if len(dice) == len(ce) else ce
 
 
+ARM_STYLE = {  # variant -> (label, colour); the order is the legend's
+    "baseline": ("baseline (L_seg)", "tab:blue"),
+    "pcl": ("+PCL (L_seg + a L_PCL)", "tab:green"),
+    "ocl": ("+OCL (L_seg + a 0.5 L_OCL)", "tab:purple"),
+    "corr": ("corr (L_seg + a(L_PCL + 0.5 L_OCL))", "tab:red"),
+}
+
+
+def truncate(logs: dict, stop: tuple[str, int] | None) -> dict:
+    """Drop the rows after ``stop`` = (stage, iteration), e.g. to compare arms that ran for different lengths."""
+    if stop is None:
+        return logs
+    last = STAGES.index(stop[0])
+    out = {}
+    for arm, stages in logs.items():
+        kept = {}
+        for i, stage in enumerate(STAGES):
+            if stage in stages and i <= last:
+                kept[stage] = [r for r in stages[stage] if i < last or r["iteration"] <= stop[1]]
+        out[arm] = kept
+    return out
+
+
 def plot(logs: dict, out: Path, smooth_rows: int, title: str) -> None:
     import matplotlib
 
@@ -76,32 +99,36 @@ def plot(logs: dict, out: Path, smooth_rows: int, title: str) -> None:
     cols = 3 if has_norms else 2
     fig, axes = plt.subplots(len(models), cols, figsize=(5.5 * cols, 3.6 * len(models)), squeeze=False)
     for row, model in zip(axes, models):
-        base, corr = logs.get(f"{model}_baseline", {}), logs.get(f"{model}_corr", {})
-        static_iters = int(max((r["iteration"] for r in (base.get("static") or corr.get("static") or [])), default=0))
-        for stages, label, colour in ((base, "baseline (L_seg)", "tab:blue"), (corr, "corr (L_seg + a(L_PCL + 0.5 L_OCL))", "tab:red")):
+        arms = [(v, logs[f"{model}_{v}"]) for v in ARM_STYLE if f"{model}_{v}" in logs]
+        static_iters = int(max((r["iteration"] for _, stages in arms for r in stages.get("static", [])), default=0))
+        has_main = any(stages.get("main") for _, stages in arms)
+        for variant, stages in arms:
+            label, colour = ARM_STYLE[variant]
             x, y = seg_loss(stages, static_iters)
             if len(x):
                 row[0].plot(x, smooth(y, smooth_rows), color=colour, label=label)
-        row[0].set_title(f"{model}: segmentation loss" + (" (CE + Dice)" if model.startswith("xmem") else " (CE)"))
-        for name, colour in (("pcl", "tab:green"), ("ocl", "tab:purple")):
-            x, y = series(corr, name, static_iters)
-            if len(x):
-                row[1].plot(x, smooth(y, smooth_rows), color=colour, label=f"L_{name.upper()} (corr arm)")
-        row[1].set_title(f"{model}: correspondence losses of the corr arm")
-        if has_norms:
-            for stages, label, colour in ((base, "baseline", "tab:blue"), (corr, "corr", "tab:red")):
+            for name, style in (("pcl", "-"), ("ocl", ":")):
+                x, y = series(stages, name, static_iters)
+                if len(x):
+                    row[1].plot(x, smooth(y, smooth_rows), color=colour, linestyle=style,
+                                label=f"L_{name.upper()} ({variant} arm)")
+            if has_norms:
                 x, y = series(stages, "grad_norm", static_iters)
                 if len(x):
-                    row[2].plot(x, smooth(y, smooth_rows), color=colour, label=label)
+                    row[2].plot(x, smooth(y, smooth_rows), color=colour, label=variant)
+        row[0].set_title(f"{model}: segmentation loss" + (" (CE + Dice)" if model.startswith("xmem") else " (CE)"))
+        row[1].set_title(f"{model}: correspondence losses (PCL solid, OCL dotted)")
+        if has_norms:
             row[2].set_yscale("log")
             row[2].set_title(f"{model}: gradient norm before clipping")
         for ax in row:
-            if static_iters and (base.get("main") or corr.get("main")):
+            if static_iters and has_main:
                 ax.axvline(static_iters, color="grey", linestyle="--", linewidth=0.8)
                 ax.text(static_iters, ax.get_ylim()[1], " main", va="top", fontsize=8, color="grey")
             ax.set_xlabel("iteration (static pretraining, then main training)")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -111,14 +138,26 @@ def plot(logs: dict, out: Path, smooth_rows: int, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("source", type=Path, help="recipe work folder or its logs.tar.gz")
+    ap.add_argument("source", type=Path, nargs="+",
+                    help="recipe work folders or logs.tar.gz files (arms of several jobs are drawn together)")
     ap.add_argument("--out", type=Path, required=True, help="PNG to write")
     ap.add_argument("--smooth", type=int, default=5, help="moving average over this many logged rows")
     ap.add_argument("--title", default="Training loss curves (moving average)")
+    ap.add_argument("--stop-at", metavar="STAGE:ITERATION", help="leave out the rows after this point, e.g. main:1000")
     args = ap.parse_args(argv)
-    logs = read_logs(args.source)
-    if not logs:
-        ap.error(f"no <arm>/<stage>/log.csv found in {args.source}")
+    logs: dict = {}
+    for source in args.source:
+        found = read_logs(source)
+        if not found:
+            ap.error(f"no <arm>/<stage>/log.csv found in {source}")
+        logs.update(found)
+    stop = None
+    if args.stop_at:
+        stage, _, k = args.stop_at.partition(":")
+        if stage not in STAGES or not k.isdigit():
+            ap.error(f"--stop-at takes STAGE:ITERATION with STAGE in {STAGES}")
+        stop = (stage, int(k))
+    logs = truncate(logs, stop)
     plot(logs, args.out, args.smooth, args.title)
     return 0
 
