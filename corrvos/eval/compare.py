@@ -98,7 +98,8 @@ def comparison_table(runs: list[PerObject], samples: int = 20000, seed: int = 0)
             lines.append(head + " (reference) | | | |")
             continue
         d = paired_difference(ref, run, samples, seed)
-        lines.append(head + f" {d.mean:+.3f} | [{d.low:+.3f}, {d.high:+.3f}] | {d.better} / {d.worse} | {d.p_value:.3f} |")
+        p = "< 0.001" if d.p_value < 0.001 else f"{d.p_value:.3f}"
+        lines.append(head + f" {d.mean:+.3f} | [{d.low:+.3f}, {d.high:+.3f}] | {d.better} / {d.worse} | {p} |")
     return "\n".join(lines)
 
 
