@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from corrvos.training.stages import STAGES
+from corrvos.training.stages import STAGES, parse_stage_point
 
 
 def read_logs(source: Path) -> dict[str, dict[str, list[dict[str, float]]]]:
@@ -73,11 +73,11 @@ ARM_STYLE = {  # variant -> (label, colour); the order is the legend's
 }
 
 
-def truncate(logs: dict, stop: tuple[str, int] | None) -> dict:
-    """Drop the rows after ``stop`` = (stage, iteration), e.g. to compare arms that ran for different lengths."""
+def truncate(logs: dict, stop: tuple[int, int] | None) -> dict:
+    """Drop the rows after ``stop`` = (stage index, iteration), e.g. to compare arms that ran for different lengths."""
     if stop is None:
         return logs
-    last = STAGES.index(stop[0])
+    last = stop[0]
     out = {}
     for arm, stages in logs.items():
         kept = {}
@@ -151,12 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         if not found:
             ap.error(f"no <arm>/<stage>/log.csv found in {source}")
         logs.update(found)
-    stop = None
-    if args.stop_at:
-        stage, _, k = args.stop_at.partition(":")
-        if stage not in STAGES or not k.isdigit():
-            ap.error(f"--stop-at takes STAGE:ITERATION with STAGE in {STAGES}")
-        stop = (stage, int(k))
+    try:
+        stop = parse_stage_point(args.stop_at) if args.stop_at else None
+    except ValueError as err:
+        ap.error(str(err))
     logs = truncate(logs, stop)
     plot(logs, args.out, args.smooth, args.title)
     return 0

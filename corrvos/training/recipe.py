@@ -44,7 +44,7 @@ from pathlib import Path
 
 from corrvos.errors import DatasetError
 from corrvos.models.checkpoint import checkpoint_metadata
-from corrvos.training.stages import STAGES
+from corrvos.training.stages import STAGES, parse_stage_point
 
 REPO = Path(__file__).resolve().parents[2]
 # Arm variants: the shipped pair is baseline + corr; pcl and ocl complete the paper's Table 4 ablation.
@@ -280,12 +280,7 @@ def run(args: argparse.Namespace) -> int:
         model, _, value = item.partition("=")
         static, _, main = value.partition(",")
         iters[model] = (int(static), int(main))
-    stop_at = None
-    if args.stop_at:
-        stage, _, k = args.stop_at.partition(":")
-        if stage not in STAGES or not k.isdigit():
-            raise ValueError(f"--stop-at takes STAGE:ITERATION with STAGE in {STAGES}, not {args.stop_at!r}.")
-        stop_at = (STAGES.index(stage), int(k))
+    stop_at = parse_stage_point(args.stop_at) if args.stop_at else None
     arms = plan_arms(args.models, iters, args.resume_from, tuple(args.variants), stop_at)
     cpus = args.cpus or os.cpu_count() or 1
     workers = args.workers if args.workers is not None else max(1, (cpus - len(arms)) // len(arms))

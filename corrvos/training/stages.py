@@ -69,6 +69,14 @@ PRESETS: dict[tuple[str, str], StagePreset] = {
 }
 
 
+def parse_stage_point(text: str) -> tuple[int, int]:
+    """``"main:1000"`` -> (stage index, iteration): a point of a two-stage run, as --stop-at options take it."""
+    stage, _, k = text.partition(":")
+    if stage not in STAGES or not k.isdigit():
+        raise ValueError(f"--stop-at takes STAGE:ITERATION with STAGE in {STAGES}, not {text!r}.")
+    return STAGES.index(stage), int(k)
+
+
 def get_stage(model: str, stage: str) -> StagePreset:
     """Preset for ``model`` ("stcn", "stcn-s", "xmem", "xmem-s") and ``stage`` ("static", "main")."""
     try:
