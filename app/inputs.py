@@ -78,8 +78,15 @@ def read_ground_truth(files: Sequence[str] | str | None, names: Sequence[str], f
         return None
     if isinstance(files, (str, Path)):
         files = [files]
+    # Zip members are unpacked only for as long as it takes to read them: a long-running app must not
+    # leave one folder per upload behind.
+    with tempfile.TemporaryDirectory(prefix="corrvos-gt-") as tmp:
+        pngs = _mask_files(files, Path(tmp))
+        return _match_masks(pngs, names, frame_shape)
+
+
+def _mask_files(files: Sequence[str | Path], tmp: Path) -> list[Path]:
     pngs: list[Path] = []
-    tmp = Path(tempfile.mkdtemp(prefix="corrvos-gt-"))
     for f in map(Path, files):
         if f.suffix.lower() == ".zip":
             try:
@@ -97,6 +104,10 @@ def read_ground_truth(files: Sequence[str] | str | None, names: Sequence[str], f
     if not pngs:
         raise InputError("the ground-truth upload holds no PNG masks; give PNG masks or a zip of them.")
     pngs.sort(key=lambda p: natural_key(p.name))
+    return pngs
+
+
+def _match_masks(pngs: list[Path], names: Sequence[str], frame_shape: tuple[int, ...]) -> list[np.ndarray | None]:
     by_stem = {p.stem: p for p in pngs}
     out: list[np.ndarray | None] = [None] * len(names)
     matched = [by_stem.get(n) for n in names]

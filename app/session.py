@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -182,6 +183,10 @@ class SessionStore:
     def __init__(self, capacity: int, work_root: Path | None = None):
         self.capacity = capacity
         self.work_root = Path(work_root) if work_root else Path(tempfile.mkdtemp(prefix="corrvos-app-"))
+        if work_root is None:
+            # A temp root is ours alone: remove it (every session's overlays and exports) when the store goes
+            # away or the app exits, so repeated runs do not pile up folders in /tmp. A given root is the user's.
+            weakref.finalize(self, shutil.rmtree, self.work_root, True)
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._lock = threading.Lock()
 
