@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -74,22 +75,26 @@ def segmentation_loss(logits: list[Tensor], cls_gt: Tensor, selector: Tensor | N
     return ce, dc
 
 
-def boxes_from_batch(batch: dict[str, Any], frame: int) -> tuple[list[Tensor], list[Tensor]]:
-    """Per-sample boxes ``(N, 4)`` and ids ``(N,)`` (0 = proposal, object id > 0) of clip frame ``frame``.
+def boxes_from_batch(batch: dict[str, Any], frame: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per-sample boxes ``(N, 4)`` float32 and ids ``(N,)`` int64 (0 = proposal, object id > 0) of clip
+    frame ``frame``, as host arrays (OCL's bookkeeping is numpy: see ``ocl.py``).
 
     Reads the collated sample format of ``corrvos.training.datasets``: ``boxes`` ``(B, T, P, 4)``
     with ``num_boxes`` ``(B, T)`` valid rows, and ``object_boxes`` ``(B, T, A, 4)`` (``-1`` rows where
     an object is absent) with ``object_box_ids`` ``(B, A)`` (``-1`` padding).
     """
+    def host(key: str, dtype: type) -> np.ndarray:
+        x = batch[key]
+        return (x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)).astype(dtype, copy=False)
+
+    boxes, num = host("boxes", np.float32)[:, frame], host("num_boxes", np.int64)[:, frame]
+    obj, obj_ids = host("object_boxes", np.float32)[:, frame], host("object_box_ids", np.int64)
+    present = (obj_ids > 0) & (obj[..., 2] > obj[..., 0]) & (obj[..., 3] > obj[..., 1]) & (obj[..., 0] >= 0)
     out_boxes, out_ids = [], []
-    for b in range(batch["boxes"].shape[0]):
-        n = int(batch["num_boxes"][b, frame])
-        props = batch["boxes"][b, frame, :n].float()
-        obj = batch["object_boxes"][b, frame].float()
-        obj_ids = batch["object_box_ids"][b].long()
-        present = (obj_ids > 0) & (obj[:, 2] > obj[:, 0]) & (obj[:, 3] > obj[:, 1]) & (obj[:, 0] >= 0)
-        out_boxes.append(torch.cat([props, obj[present]]))
-        out_ids.append(torch.cat([torch.zeros(n, dtype=torch.long), obj_ids[present].cpu()]))
+    for b in range(len(boxes)):
+        n = int(num[b])
+        out_boxes.append(np.concatenate([boxes[b, :n], obj[b][present[b]]]))
+        out_ids.append(np.concatenate([np.zeros(n, dtype=np.int64), obj_ids[b][present[b]]]))
     return out_boxes, out_ids
 
 

@@ -33,8 +33,11 @@ The paper's code has no object-level loss; this is our implementation of the tex
 * One video in the batch (no inter-video negatives): ``BOTH`` falls back to the intra-video
   negatives; a query with no negative at all is not counted, and when no query counts the loss
   is an exact 0 attached to the graph (``OclResult.num_queries == 0`` says so).
-* Boxes and ids are expected on the CPU (the per-video bookkeeping is done there, without
-  touching the device); the features stay on the device.
+* Boxes and ids are expected on the CPU (tensors or numpy arrays). The per-video bookkeeping is
+  numpy, not torch: on a GPU the small model's step is bound by the host, and ~1,100 tiny torch CPU
+  ops per step (several microseconds each) cost ~4 ms where numpy takes ~1 ms; the random draws stay
+  torch's, so the results are bit-identical to the torch version. Its arrays reach the device in three
+  copies (boxes, integers, flags) instead of one per array. The features stay on the device.
 """
 from __future__ import annotations
 
@@ -138,38 +141,125 @@ def match_objects(query_feat: Tensor, cand_feat: Tensor) -> Tensor:
         return assign(sim, ok, on)[0]
 
 
-def sample_queries(boxes: Tensor, ids: Tensor, num_queries: int = NUM_QUERIES, cell: int = CLUSTER_CELL,
-                   generator: torch.Generator | None = None) -> Tensor:
-    """Indices of up to ``num_queries`` boxes whose centres lie in distinct grid cells (sparse Q)."""
+def _host(x: Tensor | np.ndarray, dtype: type) -> np.ndarray:
+    """A host array view of ``x`` (zero-copy for CPU tensors)."""
+    if torch.is_tensor(x):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x).astype(dtype, copy=False)
+
+
+def sample_queries(boxes: Tensor | np.ndarray, ids: Tensor | np.ndarray, num_queries: int = NUM_QUERIES,
+                   cell: int = CLUSTER_CELL, generator: torch.Generator | None = None) -> np.ndarray:
+    """Indices of up to ``num_queries`` boxes whose centres lie in distinct grid cells (sparse Q).
+
+    The bookkeeping is numpy (a few microseconds per call, where each small torch op costs several);
+    only the random draws are torch's, so that ``generator`` (or torch's global RNG) decides them.
+    """
+    boxes, ids = _host(boxes, np.float32), _host(ids, np.int64)
     if len(boxes) == 0:
-        return torch.zeros(0, dtype=torch.long)
+        return np.zeros(0, dtype=np.int64)
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2
-    cells = (centres // cell).long()
+    cells = np.floor_divide(centres, cell).astype(np.int64)
     cluster = cells[:, 1] * 100_000 + cells[:, 0]
-    unique = torch.unique(cluster)
-    order = torch.randperm(len(unique), generator=generator)[:num_queries]
+    unique = np.unique(cluster)
+    order = torch.randperm(len(unique), generator=generator)[:num_queries].numpy()
     picked = []
     for u in unique[order]:
-        members = torch.nonzero(cluster == u).flatten()
+        members = np.flatnonzero(cluster == u)
         annotated = members[ids[members] > 0]
         pool = annotated if len(annotated) else members
-        picked.append(pool[torch.randint(len(pool), (1,), generator=generator)])
-    return torch.cat(picked)
+        picked.append(pool[int(torch.randint(len(pool), (1,), generator=generator))])
+    return np.asarray(picked, dtype=np.int64)
 
 
-def _select_kinds(boxes: Tensor, ids: Tensor, proposals: bool, annotated: bool) -> tuple[Tensor, Tensor]:
+def _select_kinds(boxes: np.ndarray, ids: np.ndarray, proposals: bool, annotated: bool) -> tuple[np.ndarray, np.ndarray]:
     keep = ((ids == 0) & proposals) | ((ids > 0) & annotated)
     return boxes[keep], ids[keep]
 
 
-def _cap_candidates(boxes: Tensor, ids: Tensor, limit: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+def _cap_candidates(boxes: np.ndarray, ids: np.ndarray, limit: int,
+                    generator: torch.Generator | None) -> tuple[np.ndarray, np.ndarray]:
     if len(boxes) <= limit:
         return boxes, ids
-    annotated = torch.nonzero(ids > 0).flatten()
-    others = torch.nonzero(ids <= 0).flatten()
-    others = others[torch.randperm(len(others), generator=generator)[: max(0, limit - len(annotated))]]
-    keep = torch.cat([annotated, others])
+    annotated = np.flatnonzero(ids > 0)
+    others = np.flatnonzero(ids <= 0)
+    others = others[torch.randperm(len(others), generator=generator)[: max(0, limit - len(annotated))].numpy()]
+    keep = np.concatenate([annotated, others])
     return boxes[keep], ids[keep]
+
+
+class _Plan(NamedTuple):
+    """Host-side layout of one OCL step: the candidate bank and the padded query / candidate slots."""
+
+    rois: np.ndarray  # (M, 5) float32: RoIAlign rows (key-map index, x1, y1, x2, y2); columns 1: = the boxes
+    ints: dict[str, np.ndarray]  # int64 arrays, moved to the device in one copy
+    flags: dict[str, np.ndarray]  # bool arrays, moved in one copy
+
+
+def _plan(boxes_t, ids_t, boxes_t2, ids_t2, use_proposals: bool, use_annotated: bool, num_queries: int, cell: int,
+          max_candidates: int, generator: torch.Generator | None) -> _Plan | None:
+    """Which boxes, which queries, which matches are known by identity; None when there is no query."""
+    batch = len(boxes_t)
+    q_boxes, p_boxes, known, free = [], [], [], []
+    for b in range(batch):
+        bt, it = _select_kinds(_host(boxes_t[b], np.float32), _host(ids_t[b], np.int64), use_proposals, use_annotated)
+        bt2, it2 = _select_kinds(_host(boxes_t2[b], np.float32), _host(ids_t2[b], np.int64), use_proposals, use_annotated)
+        bt2, it2 = _cap_candidates(bt2, it2, max_candidates, generator)
+        # An annotated object can only be a query if it is still visible in t'.
+        present = (it <= 0) | np.isin(it, it2[it2 > 0])
+        bt, it = bt[present], it[present]
+        q = sample_queries(bt, it, num_queries, cell, generator)
+        q = q[: len(bt2)]  # an assignment needs at least as many candidates as queries
+        j_known = np.full(len(q), -1, dtype=np.int64)
+        for i, obj in enumerate(it[q]):
+            if obj > 0:
+                j_known[i] = np.flatnonzero(it2 == obj)[0]
+        f = np.ones(len(bt2), dtype=bool)
+        f[j_known[j_known >= 0]] = False
+        q_boxes.append(bt[q])
+        p_boxes.append(bt2)
+        known.append(j_known)
+        free.append(f)
+
+    n_q = np.array([len(x) for x in q_boxes], dtype=np.int64)
+    n_p = np.array([len(x) for x in p_boxes], dtype=np.int64)
+    if n_q.sum() == 0:
+        return None
+    q_max, p_max = int(n_q.max()), max(int(n_p.max()), 1)
+
+    # Layout of the candidate bank, video by video: [t' boxes of video b, queries of video b].
+    bank_boxes = np.concatenate([np.concatenate([p_boxes[b], q_boxes[b]]).reshape(-1, 4) for b in range(batch)])
+    owner = np.repeat(np.arange(batch), n_p + n_q)
+    is_query = np.concatenate([np.repeat([False, True], [n_p[b], n_q[b]]) for b in range(batch)])
+    p_offset = np.concatenate([[0], np.cumsum(n_p + n_q)[:-1]]).astype(np.int64)
+    # Padded (B, Q) / (B, N) views for the assignment, as flat indices into the bank (-1 = padding).
+    q_col, p_col = np.arange(q_max), np.arange(p_max)
+    q_in, p_in = q_col[None, :] < n_q[:, None], p_col[None, :] < n_p[:, None]
+    q_slot = np.where(q_in, p_offset[:, None] + n_p[:, None] + q_col[None, :], -1)
+    p_slot = np.where(p_in, p_offset[:, None] + p_col[None, :], -1)
+    cand_ok = np.zeros((batch, p_max), dtype=bool)
+    cand_ok[p_in] = np.concatenate(free)
+    known_pad = np.full((batch, q_max), -1, dtype=np.int64)
+    known_pad[q_in] = np.concatenate(known)
+    query_on = q_in & (known_pad < 0)  # proposal queries: matched by assignment
+    bank_q = np.flatnonzero(is_query)  # bank rows that are queries, in (video, query) order
+    # RoIAlign reads queries from the frame-t keys (rows 0..B-1 of the stacked maps) and the rest from t'.
+    rois = np.concatenate([(owner + np.where(is_query, 0, batch))[:, None].astype(np.float32), bank_boxes], axis=1)
+    ints = dict(owner=owner, p_offset=p_offset, q_slot=q_slot, p_slot=p_slot, known_pad=known_pad, bank_q=bank_q,
+                q_owner=owner[bank_q], q_flat=np.flatnonzero(q_in))
+    flags = dict(is_query=is_query, cand_ok=cand_ok, query_on=query_on)
+    return _Plan(rois.astype(np.float32), ints, flags)
+
+
+def _to_device_packed(arrays: dict[str, np.ndarray], dtype: np.dtype, device: torch.device) -> dict[str, Tensor]:
+    """Several small host arrays -> device tensors through a single copy (each copy is a launch)."""
+    flat = np.concatenate([a.astype(dtype, copy=False).ravel() for a in arrays.values()])
+    packed = to_device(torch.from_numpy(flat), device)
+    out, start = {}, 0
+    for name, a in arrays.items():
+        out[name] = packed[start:start + a.size].view(a.shape)
+        start += a.size
+    return out
 
 
 def ocl_loss(key_t: Tensor, key_t2: Tensor, boxes_t: list[Tensor], ids_t: list[Tensor], boxes_t2: list[Tensor],
@@ -181,70 +271,25 @@ def ocl_loss(key_t: Tensor, key_t2: Tensor, boxes_t: list[Tensor], ids_t: list[T
 
     Args:
         key_t, key_t2: ``(B, C, h, w)`` keys of frames t and t'.
-        boxes_t, boxes_t2: per sample ``(N, 4)`` float boxes (x1, y1, x2, y2) in crop pixels (CPU).
+        boxes_t, boxes_t2: per sample ``(N, 4)`` float boxes (x1, y1, x2, y2) in crop pixels (tensors on
+            the CPU, or numpy arrays).
         ids_t, ids_t2: per sample ``(N,)`` long: 0 for a proposal, the object id (> 0) for an annotation.
         image_size: ``(H, W)`` of the crop the boxes refer to.
     """
     negatives = Negatives(negatives)
     batch, device = key_t.shape[0], key_t.device
 
-    # ---- host side: which boxes, which queries, which matches are known by identity.
-    q_boxes, p_boxes, known, free = [], [], [], []
-    for b in range(batch):
-        bt, it = _select_kinds(boxes_t[b].float().cpu(), ids_t[b].long().cpu(), use_proposals, use_annotated)
-        bt2, it2 = _select_kinds(boxes_t2[b].float().cpu(), ids_t2[b].long().cpu(), use_proposals, use_annotated)
-        bt2, it2 = _cap_candidates(bt2, it2, max_candidates, generator)
-        # An annotated object can only be a query if it is still visible in t'.
-        present = (it <= 0) | torch.isin(it, it2[it2 > 0])
-        bt, it = bt[present], it[present]
-        q = sample_queries(bt, it, num_queries, cell, generator)
-        q = q[: len(bt2)]  # an assignment needs at least as many candidates as queries
-        j_known = torch.full((len(q),), -1, dtype=torch.long)
-        for i, obj in enumerate(it[q].tolist()):
-            if obj > 0:
-                j_known[i] = int(torch.nonzero(it2 == obj).flatten()[0])
-        f = torch.ones(len(bt2), dtype=torch.bool)
-        f[j_known[j_known >= 0]] = False
-        q_boxes.append(bt[q])
-        p_boxes.append(bt2)
-        known.append(j_known)
-        free.append(f)
-
-    n_q = [len(x) for x in q_boxes]
-    n_p = [len(x) for x in p_boxes]
-    if sum(n_q) == 0:
+    plan = _plan(boxes_t, ids_t, boxes_t2, ids_t2, use_proposals, use_annotated, num_queries, cell,
+                 max_candidates, generator)
+    if plan is None:
         zero = key_t.sum() * 0.0 + key_t2.sum() * 0.0
         return OclResult(zero, torch.zeros((), device=device))
-    q_max, p_max = max(n_q), max(max(n_p), 1)
-
-    # Layout of the candidate bank, video by video: [t' boxes of video b, queries of video b].
-    bank_boxes = torch.cat([torch.cat([p_boxes[b], q_boxes[b]]) for b in range(batch)])
-    owner = torch.cat([torch.full((n_p[b] + n_q[b],), b) for b in range(batch)])
-    is_query = torch.cat([torch.cat([torch.zeros(n_p[b], dtype=torch.bool), torch.ones(n_q[b], dtype=torch.bool)])
-                          for b in range(batch)])
-    p_offset = torch.tensor([0] + list(np.cumsum([n_p[b] + n_q[b] for b in range(batch)])[:-1]), dtype=torch.long)
-    # Padded (B, Q) / (B, N) views for the assignment, as flat indices into the bank (-1 = padding).
-    q_slot = torch.full((batch, q_max), -1, dtype=torch.long)
-    p_slot = torch.full((batch, p_max), -1, dtype=torch.long)
-    cand_ok = torch.zeros(batch, p_max, dtype=torch.bool)
-    known_pad = torch.full((batch, q_max), -1, dtype=torch.long)
-    for b in range(batch):
-        q_slot[b, : n_q[b]] = p_offset[b] + n_p[b] + torch.arange(n_q[b])
-        p_slot[b, : n_p[b]] = p_offset[b] + torch.arange(n_p[b])
-        cand_ok[b, : n_p[b]] = free[b]
-        known_pad[b, : n_q[b]] = known[b]
-    query_on = (q_slot >= 0) & (known_pad < 0)  # proposal queries: matched by assignment
-    bank_q = is_query.nonzero().flatten()  # bank rows that are queries, in (video, query) order
-    q_owner = owner[bank_q]
-    q_flat = (q_slot >= 0).flatten().nonzero().flatten()  # the same queries as positions in the (B, Q) pad
 
     # ---- device side: one RoIAlign over both frames, the assignment, the InfoNCE.
-    host = dict(bank_boxes=bank_boxes, owner=owner, is_query=is_query, p_offset=p_offset, q_slot=q_slot,
-                p_slot=p_slot, cand_ok=cand_ok, known_pad=known_pad, query_on=query_on, bank_q=bank_q,
-                q_owner=q_owner, q_flat=q_flat)
-    dev = {k: to_device(v, device) for k, v in host.items()}
-    rois = torch.cat([(owner + torch.where(is_query, 0, batch)).to(bank_boxes.dtype)[:, None], bank_boxes], dim=1)
-    feats = object_features(torch.cat([key_t, key_t2]), to_device(rois, device), image_size)  # (M, C)
+    rois = to_device(torch.from_numpy(plan.rois), device)
+    dev = _to_device_packed(plan.ints, np.int64, device) | _to_device_packed(plan.flags, np.bool_, device)
+    dev["bank_boxes"] = rois[:, 1:]
+    feats = object_features(torch.cat([key_t, key_t2]), rois, image_size)  # (M, C)
 
     with torch.no_grad():
         detached = feats.detach().float()

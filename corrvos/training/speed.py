@@ -12,6 +12,7 @@ and data loading (identical for all variants apart from the second view) is left
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -20,6 +21,7 @@ import time
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # name -> (--corr, cross-view anchor, view scale)
 VARIANTS = {"seg": ("none", False, 1.0), "pcl": ("pcl", True, 1.0), "pcl,ocl": ("pcl,ocl", True, 1.0),
@@ -60,9 +62,9 @@ def collate(samples: list[dict]) -> dict:
     return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
 
 
-def time_variant(model: str, corr: str, cross_view: bool, view_scale: float, batches: list[dict],
-                 args: argparse.Namespace, profile: bool = False) -> float:
-    """Iterations per second of ``train_step`` over ``batches`` after ``args.warmup`` untimed steps."""
+@contextlib.contextmanager
+def variant_trainer(model: str, corr: str, cross_view: bool, view_scale: float, args: argparse.Namespace):
+    """A ``Trainer`` of ``model`` for one variant, past the bootstrapping warm-up, writing to a temp dir."""
     from corrvos.training.losses import parse_corr
     from corrvos.training.trainer import Trainer, TrainOptions
 
@@ -72,6 +74,13 @@ def time_variant(model: str, corr: str, cross_view: bool, view_scale: float, bat
                             alpha_warmup=0, progress=False)
         trainer = Trainer(opts, dataset=[])
         trainer.iteration = 10**5  # past bootstrapping warm-up: the top-p selection runs too
+        yield trainer
+
+
+def time_variant(model: str, corr: str, cross_view: bool, view_scale: float, batches: list[dict],
+                 args: argparse.Namespace, profile: bool = False) -> float:
+    """Iterations per second of ``train_step`` over ``batches`` after ``args.warmup`` untimed steps."""
+    with variant_trainer(model, corr, cross_view, view_scale, args) as trainer:
         on_cuda = trainer.device.type == "cuda"
         batches = [trainer._to_device(b) for b in batches]  # as the trainer does: box fields stay on the host
 
@@ -101,6 +110,40 @@ def time_variant(model: str, corr: str, cross_view: bool, view_scale: float, bat
         return args.iters / elapsed
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts ATen ops as they are dispatched, split by the device of their first tensor argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        dev = next((a.device.type for a in leaves if torch.is_tensor(a)), None)
+        if dev is None:  # a factory op (arange, full, rand): where it creates its tensor
+            dev = torch.device((kwargs or {}).get("device") or "cpu").type
+        self.counts[dev] = self.counts.get(dev, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(model: str, corr: str, cross_view: bool, view_scale: float, batch: dict,
+              args: argparse.Namespace) -> dict[str, int]:
+    """ATen ops dispatched by one ``train_step`` (forward, losses, backward, optimiser), by device.
+
+    A small model's step on a GPU is bound by the host issuing kernels, so the number of ops a
+    variant adds predicts its cost there; unlike a timing, it can be measured on any machine.
+    On the CPU the optimiser runs per parameter (on CUDA, Adam runs foreach), so compare variants,
+    not devices.
+    """
+    with variant_trainer(model, corr, cross_view, view_scale, args) as trainer:
+        batch = trainer._to_device(batch)
+        trainer.train_step([batch])  # warm-up: lazy initialisation dispatches ops once
+        counter = _OpCounter()
+        with counter:
+            trainer.train_step([batch])
+        return counter.counts
+
+
 def check_syncs(model: str, args: argparse.Namespace) -> None:
     """Print every call site that made the device synchronise during one full-method training step."""
     import warnings
@@ -125,6 +168,30 @@ def check_syncs(model: str, args: argparse.Namespace) -> None:
         print("  " + site)
 
 
+def print_op_counts(args: argparse.Namespace) -> int:
+    from corrvos.training.stages import get_stage
+
+    results = []
+    for model in args.models:
+        preset = get_stage(model, "main")
+        rng = np.random.default_rng(0)
+        batch = collate([synthetic_sample(rng, preset.frames, preset.max_objects, args.crop) for _ in range(args.batch)])
+        base = None
+        for name in args.variants:
+            counts = count_ops(model, *VARIANTS[name], batch, args)
+            total = sum(counts.values())
+            base = total if name == "seg" else base
+            extra = f"  +{total - base} vs seg" if base is not None and name != "seg" else ""
+            by_dev = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+            print(f"{model:8s} {name:14s} {total:6d} ops per step ({by_dev}){extra}", flush=True)
+            results.append({"model": model, "variant": name, "ops": total, "ops_by_device": counts,
+                            "batch": args.batch, "crop": args.crop})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m corrvos.training.speed", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["stcn", "stcn-s"])
@@ -139,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--profile", nargs="+", choices=list(VARIANTS), default=[],
                    help="print a torch.profiler table of these variants (of the first model) instead of timing")
+    p.add_argument("--count-ops", action="store_true",
+                   help="instead of timing, count the ATen ops one training step dispatches (by device) per variant: "
+                        "a machine-independent proxy for the cost on a GPU when the host is the bottleneck")
     p.add_argument("--check-syncs", action="store_true",
                    help="first run one full-method step with torch.cuda.set_sync_debug_mode('warn') and list the "
                         "places that synchronise the device")
@@ -157,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             rate = time_variant(args.models[0], *VARIANTS[name], batches, args, profile=True)
             print(f"^ {args.models[0]} {name}: {rate:.3f} it/s while profiled")
         return 0
+    if args.count_ops:
+        return print_op_counts(args)
     results = []
     for model in args.models:
         preset = get_stage(model, "main")
