@@ -54,20 +54,24 @@ def contrastive_ce(sim: Tensor, target: Tensor, allowed: Tensor | None = None, v
     return (loss * valid).sum() / valid.sum().clamp(min=1.0)
 
 
-def video_candidate_mask(batch: int, per_video: int, mode: Negatives | str, target: Tensor) -> Tensor:
-    """Allowed-candidate mask for candidates laid out video by video (``batch * per_video`` of them).
+def video_candidate_mask(batch: int, per_video: int, mode: Negatives | str, target: Tensor,
+                         query_video: Tensor) -> Tensor | None:
+    """Allowed-candidate mask for candidates laid out video by video (``N = batch * per_video``).
 
-    ``target`` is ``(B, M)`` with global candidate indices. Returns a bool ``(B, N, M)`` mask (or
-    ``(B, N, 1)`` when the mask does not depend on the query) following ``mode``.
+    Args:
+        target: ``(..., M)`` global candidate index of each query's positive.
+        query_video: ``(M,)`` the video each query column belongs to.
+    Returns:
+        A bool ``(..., N, M)`` mask (``(N, M)`` when it does not depend on the target), or None when every
+        candidate takes part (``BOTH``), following ``mode``.
     """
     mode = Negatives(mode)
-    device = target.device
-    owner = torch.arange(batch * per_video, device=device) // per_video  # (N,)
-    same_video = owner[None, :] == torch.arange(batch, device=device)[:, None]  # (B, N)
     if mode is Negatives.BOTH:
-        return torch.ones(batch, batch * per_video, 1, dtype=torch.bool, device=device)
+        return None
+    owner = torch.arange(batch * per_video, device=target.device) // per_video  # (N,)
+    same_video = owner[:, None] == query_video[None, :]  # (N, M)
     if mode is Negatives.INTRA:
-        return same_video[:, :, None]
+        return same_video
     # INTER: all candidates of other videos, and of this video only the positive itself.
-    is_positive = torch.arange(batch * per_video, device=device)[None, :, None] == target[:, None, :]
-    return (~same_video)[:, :, None] | is_positive
+    is_positive = torch.arange(batch * per_video, device=target.device)[:, None] == target[..., None, :]
+    return ~same_video | is_positive

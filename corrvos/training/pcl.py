@@ -29,6 +29,10 @@ Choices where the paper leaves room (also in the README, "Correspondence-aware t
   fall outside the frame are dropped. This term uses the plain similarity (the view's key pass
   skips XMem's shrinkage/selection to stay cheap).
 * L_PCL is the mean of the temporal term and (when enabled) the cross-view term.
+* Cost. All pairs of a clip go through one set of kernels (stacked along a leading pair axis, each
+  pair's videos side by side as query columns), and the cross-view term uses the same layout: on a
+  GPU the small models' step is bound by the host issuing kernels, and one call per pair (12 for
+  XMem) dispatched ~4x the ops. Same values up to float rounding; on the CPU the same random draws.
 """
 from __future__ import annotations
 
@@ -43,10 +47,11 @@ ANCHOR_GRID = 8
 
 
 def jittered_grid(batch: int, h: int, w: int, grid: int = ANCHOR_GRID, generator: torch.Generator | None = None,
-                  device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+                  device: torch.device | str = "cpu", terms: int = 1) -> tuple[Tensor, Tensor]:
     """One random integer position per cell of a ``grid x grid`` partition of an ``h x w`` map.
 
-    Returns ``(ys, xs)``, each ``(B, G)`` long with ``G = min(grid, h) * min(grid, w)``.
+    Returns ``(ys, xs)``, each ``(terms * B, G)`` long (term-major) with ``G = min(grid, h) * min(grid, w)``:
+    ``terms`` independent grids per sample, drawn in one call.
     """
     gy, gx = min(grid, h), min(grid, w)
     device = torch.device(device)
@@ -57,64 +62,72 @@ def jittered_grid(batch: int, h: int, w: int, grid: int = ANCHOR_GRID, generator
     x_edges = torch.div(torch.arange(gx + 1, device=device) * w, gx, rounding_mode="floor")
     y0, ysize = y_edges[:-1], y_edges[1:] - y_edges[:-1]
     x0, xsize = x_edges[:-1], x_edges[1:] - x_edges[:-1]
-    ry = torch.rand(batch, gy, gx, generator=generator, device=rand_device).to(device)
-    rx = torch.rand(batch, gy, gx, generator=generator, device=rand_device).to(device)
+    # (term, y|x, sample, cell): on the CPU the same numbers, in the same order, as drawing ys then xs
+    # per term in separate calls.
+    r = torch.rand(terms, 2, batch, gy, gx, generator=generator, device=rand_device).to(device)
     # rand is in [0, 1), so floor(rand * size) stays inside the cell.
-    ys = y0[None, :, None] + (ry * ysize[None, :, None]).long()
-    xs = x0[None, None, :] + (rx * xsize[None, None, :]).long()
-    return ys.reshape(batch, -1), xs.reshape(batch, -1)
+    ys = y0[:, None] + (r[:, 0] * ysize[:, None]).long()
+    xs = x0[None, :] + (r[:, 1] * xsize[None, :]).long()
+    return ys.reshape(terms * batch, -1), xs.reshape(terms * batch, -1)
 
 
 def gather_points(feat: Tensor, ys: Tensor, xs: Tensor) -> Tensor:
-    """``(B, C, h, w)`` features at integer positions ``(B, G)`` -> ``(B, C, G)``."""
-    b, c, h, w = feat.shape
-    flat = (ys * w + xs)[:, None, :].expand(b, c, -1)
-    return feat.flatten(2).gather(2, flat)
+    """``(..., C, h, w)`` features at integer positions ``(..., G)`` -> ``(..., C, G)``; leading dims broadcast
+    (one anchor map read at several grids needs no copy of the map)."""
+    c, h, w = feat.shape[-3:]
+    idx = (ys * w + xs).unsqueeze(-2)  # (..., 1, G)
+    lead = torch.broadcast_shapes(feat.shape[:-3], idx.shape[:-2])
+    return feat.flatten(-2).expand(*lead, c, h * w).gather(-1, idx.expand(*lead, c, idx.shape[-1]))
 
 
-def _flatten_batch(x: Tensor | None) -> Tensor | None:
-    """``(B, C, G)`` -> ``(1, C, B*G)``, candidates laid out video by video."""
-    if x is None:
-        return None
-    b, c, g = x.shape
-    return x.permute(1, 0, 2).reshape(1, c, b * g)
+def _videos_to_columns(x: Tensor) -> Tensor:
+    """``(P, B, C, n)`` -> ``(P, C, B*n)``: the points of every video of a term side by side, video by video."""
+    p, b, c, n = x.shape
+    return x.transpose(1, 2).reshape(p, c, b * n)
 
 
 def pcl_temporal(anchor_key: Tensor, key_t: Tensor, key_t1: Tensor, *, anchor_shrinkage: Tensor | None = None,
                  selection_t: Tensor | None = None, selection_t1: Tensor | None = None,
                  negatives: Negatives | str = Negatives.BOTH, grid: int = ANCHOR_GRID,
                  generator: torch.Generator | None = None) -> Tensor:
-    """Eq. 5-7 for one (tau; t -> t+1) triple of a batch of clips.
+    """Eq. 5-7 for (tau; t -> t+1) triples of a batch of clips: one pair, or P pairs at once.
+
+    All pairs go through the same few kernels (XMem's 8-frame clips give 12 pairs; one call per pair
+    made the loss launch-bound on a GPU). The value is the mean over pairs of each pair's loss.
 
     Args:
         anchor_key: ``(B, C, h, w)`` keys of the anchor frame tau.
-        key_t: ``(B, C, h, w)`` keys of frame t (gives the pseudo labels, no gradient).
-        key_t1: ``(B, C, h, w)`` keys of frame t+1 (the student).
+        key_t: ``(B, C, h, w)`` keys of frame t (gives the pseudo labels, no gradient), or ``(P, B, C, h, w)``.
+        key_t1: keys of frame t+1 (the student), shaped like ``key_t``.
         anchor_shrinkage: optional ``(B, 1, h, w)`` XMem shrinkage of frame tau.
-        selection_t / selection_t1: optional ``(B, C, h, w)`` XMem selection of frames t / t+1.
+        selection_t / selection_t1: optional XMem selection of frames t / t+1, shaped like the keys.
         negatives: which candidates compete (see ``Negatives``).
     """
-    b, c, h, w = anchor_key.shape
-    ys, xs = jittered_grid(b, h, w, grid, generator, anchor_key.device)
-    anchors = gather_points(anchor_key, ys, xs)  # (B, C, G)
-    shrink = gather_points(anchor_shrinkage, ys, xs) if anchor_shrinkage is not None else None
-    num_anchor = anchors.shape[2]
+    if key_t.dim() == 4:
+        key_t, key_t1 = key_t[None], key_t1[None]
+        selection_t = None if selection_t is None else selection_t[None]
+        selection_t1 = None if selection_t1 is None else selection_t1[None]
+    pairs, b, c, h, w = key_t.shape
+    ys, xs = jittered_grid(b, h, w, grid, generator, anchor_key.device, terms=pairs)
+    ys, xs = ys.view(pairs, b, -1), xs.view(pairs, b, -1)
+    anchors = gather_points(anchor_key, ys, xs)  # (P, B, C, G)
+    shrink = gather_points(anchor_shrinkage, ys, xs) if anchor_shrinkage is not None else None  # (P, B, 1, G)
+    num_anchor = anchors.shape[-1]
 
-    with torch.no_grad():
-        sel_t = selection_t.flatten(2) if selection_t is not None else None
-        own_sim = similarity(anchors.detach(), key_t.detach().flatten(2),
-                             shrink.detach() if shrink is not None else None,
-                             sel_t.detach() if sel_t is not None else None)  # (B, G, hw)
-        pseudo = own_sim.argmax(dim=1)  # (B, hw)
-        target = pseudo + torch.arange(b, device=pseudo.device)[:, None] * num_anchor
+    with torch.no_grad():  # Eq. 5-6: each pixel of t picks its most similar anchor of its own video
+        own_sim = similarity(anchors.detach().flatten(0, 1), key_t.detach().flatten(3).flatten(0, 1),
+                             shrink.detach().flatten(0, 1) if shrink is not None else None,
+                             selection_t.detach().flatten(3).flatten(0, 1) if selection_t is not None else None)
+        pseudo = own_sim.argmax(dim=1).view(pairs, b, h * w)  # (P, B, hw)
+        target = (pseudo + torch.arange(b, device=pseudo.device)[:, None] * num_anchor).flatten(1)  # (P, B*hw)
 
-    cand = _flatten_batch(anchors).expand(b, -1, -1)
-    cand_shrink = _flatten_batch(shrink)
-    if cand_shrink is not None:
-        cand_shrink = cand_shrink.expand(b, -1, -1)
-    sel_t1 = selection_t1.flatten(2) if selection_t1 is not None else None
-    sim = similarity(cand, key_t1.flatten(2), cand_shrink, sel_t1)  # (B, B*G, hw)
-    allowed = video_candidate_mask(b, num_anchor, negatives, target)
+    # Eq. 7: every pixel of t+1 (all videos of a pair as columns) against the anchors of all videos.
+    query = _videos_to_columns(key_t1.flatten(3))  # (P, C, B*hw)
+    sel = _videos_to_columns(selection_t1.flatten(3)) if selection_t1 is not None else None
+    sim = similarity(_videos_to_columns(anchors), query,
+                     _videos_to_columns(shrink) if shrink is not None else None, sel)  # (P, B*G, B*hw)
+    query_video = torch.arange(b, device=sim.device).repeat_interleave(h * w)
+    allowed = video_candidate_mask(b, num_anchor, negatives, target, query_video)
     return contrastive_ce(sim, target, allowed)
 
 
@@ -150,10 +163,12 @@ def pcl_cross_view(view_key: Tensor, frame_key: Tensor, view_to_frame: Tensor, *
     warped = F.grid_sample(frame_key, coords[:, :, None, :].to(frame_key.dtype), mode="bilinear",
                            padding_mode="zeros", align_corners=False)[..., 0]  # (B, C, G)
     g = queries.shape[2]
-    cand = _flatten_batch(warped).expand(b, -1, -1)
-    sim = similarity(cand, queries)  # (B, B*G, G)
-    target = torch.arange(g, device=sim.device)[None, :] + torch.arange(b, device=sim.device)[:, None] * g
-    allowed = video_candidate_mask(b, g, negatives, target) & inside.reshape(1, b * g, 1)
+    sim = similarity(_videos_to_columns(warped[None]), _videos_to_columns(queries[None]))  # (1, B*G, B*G)
+    target = torch.arange(b * g, device=sim.device)[None]  # view point i's own warped feature
+    query_video = torch.arange(b, device=sim.device).repeat_interleave(g)
+    allowed = video_candidate_mask(b, g, negatives, target, query_video)
+    inside = inside.reshape(1, b * g)
+    allowed = inside[:, :, None] if allowed is None else allowed & inside[:, :, None]
     return contrastive_ce(sim, target, allowed, valid=inside)
 
 
@@ -174,17 +189,17 @@ def pcl_loss(keys: Tensor, *, shrinkage: Tensor | None = None, selection: Tensor
     if num_frames < 3:
         raise ValueError(f"L_PCL needs at least 3 frames per clip (anchor, t, t+1), got {num_frames}")
 
-    def pick(x: Tensor | None, t: int) -> Tensor | None:
-        return None if x is None else x[:, t]
+    # Pairs (t, t+1) and (t+1, t) for t = 1 .. T-2, all in one call: stacked (P, B, ...) views of the clip.
+    pairs = [(s, d) for t in range(1, num_frames - 1) for s, d in ((t, t + 1), (t + 1, t))]
 
-    terms = []
-    anchor_shrink = pick(shrinkage, 0)
-    for t in range(1, num_frames - 1):
-        for src, dst in ((t, t + 1), (t + 1, t)):
-            terms.append(pcl_temporal(keys[:, 0], keys[:, src], keys[:, dst], anchor_shrinkage=anchor_shrink,
-                                      selection_t=pick(selection, src), selection_t1=pick(selection, dst),
-                                      negatives=negatives, grid=grid, generator=generator))
-    temporal = torch.stack(terms).mean()
+    def frames(x: Tensor | None, which: list[int]) -> Tensor | None:
+        return None if x is None else torch.stack([x[:, i] for i in which])
+
+    src, dst = [s for s, _ in pairs], [d for _, d in pairs]
+    temporal = pcl_temporal(keys[:, 0], frames(keys, src), frames(keys, dst),
+                            anchor_shrinkage=None if shrinkage is None else shrinkage[:, 0],
+                            selection_t=frames(selection, src), selection_t1=frames(selection, dst),
+                            negatives=negatives, grid=grid, generator=generator)
     if view_key is None:
         return temporal
     if view_to_frame is None or view_frame is None:
