@@ -130,6 +130,30 @@ def test_pcl_negative_modes():
     assert losses[Negatives.BOTH] > losses[Negatives.INTRA] and losses[Negatives.BOTH] > losses[Negatives.INTER]
 
 
+@pytest.mark.parametrize("negatives", list(Negatives))
+def test_pcl_pairs_in_one_call_equal_the_mean_of_one_call_per_pair(negatives):
+    """XMem-shaped inputs (shrinkage, selection): P stacked pairs give the mean of the P single-pair losses
+    and the same gradients; one generator drawn in sequence gives both forms the same grids."""
+    b, c, h, w, pairs = 3, 8, 6, 7, 4
+    g = gen(11)
+    anchor = torch.randn(b, c, h, w, generator=g, dtype=torch.float64).requires_grad_()
+    shrink = 1 + torch.rand(b, 1, h, w, generator=g, dtype=torch.float64)
+    src, dst = (torch.randn(pairs, b, c, h, w, generator=g, dtype=torch.float64) for _ in range(2))
+    sel_src, sel_dst = (torch.rand(pairs, b, c, h, w, generator=g, dtype=torch.float64) for _ in range(2))
+    dst.requires_grad_()
+    together = pcl_temporal(anchor, src, dst, anchor_shrinkage=shrink, selection_t=sel_src, selection_t1=sel_dst,
+                            negatives=negatives, generator=gen(5))
+    grads = torch.autograd.grad(together, (anchor, dst))
+    one = gen(5)
+    apart = torch.stack([pcl_temporal(anchor, src[i], dst[i], anchor_shrinkage=shrink, selection_t=sel_src[i],
+                                      selection_t1=sel_dst[i], negatives=negatives, generator=one)
+                         for i in range(pairs)]).mean()
+    grads_apart = torch.autograd.grad(apart, (anchor, dst))
+    assert together.item() == pytest.approx(apart.item(), rel=1e-6)
+    for x, y in zip(grads, grads_apart):
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-8)
+
+
 def test_view_points_identity_flip_and_outside():
     ys, xs = torch.tensor([[0, 3]]), torch.tensor([[0, 3]])
     ident = torch.tensor([[[1.0, 0, 0], [0, 1.0, 0]]])
