@@ -6,7 +6,6 @@ when either is missing. The screenshot path is printed (run pytest with -s to se
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -53,7 +52,7 @@ def _wait_text(page, selector: str, text: str, timeout_s: float) -> None:
     )
 
 
-def test_upload_draw_propagate_click_screenshot(browser, server):
+def test_upload_draw_propagate_click_screenshot(browser, server, tmp_path):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     try:
         page.goto(server["url"])
@@ -105,7 +104,7 @@ def test_upload_draw_propagate_click_screenshot(browser, server):
         assert page.locator("#gallery-a img").count() >= 1
         page.locator("#strip img").first.wait_for(state="visible", timeout=30_000)
 
-        out = Path(tempfile.mkdtemp(prefix="corrvos-app-shot-")) / "app_browser.png"
+        out = tmp_path / "app_browser.png"  # pytest keeps the last few runs' folders, then removes them
         page.screenshot(path=str(out), full_page=True)
         print(f"\nscreenshot: {out}\nstatus: {status}")
         print(f"upload -> masks for {N_FRAMES} frames ({CLIP_SIZE[0]}x{CLIP_SIZE[1]}, A+B): {t_done - t_upload:.1f} s; "
