@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import sys
 from pathlib import Path
 
 from app.session import AppConfig, default_device
@@ -17,8 +19,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="checkpoint folder (default: $CORRVOS_CHECKPOINTS or ./checkpoints)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--size", type=int, default=None,
-                    help="processing size (shorter side; default: each checkpoint's training scale, 240 for the shipped "
-                         "models, 480 for upstream ones); 0 = input size")
+                    help="processing size (shorter side; default: each checkpoint's training scale, 192 for the shipped "
+                         "models (trained on 160-pixel crops), 480 for upstream ones); 0 = input size")
     ap.add_argument("--max-frames", type=int, default=None, help="frame cap (default 100 on CPU, 1500 on GPU)")
     ap.add_argument("--max-file-size", default="500mb", help="upload size limit (default 500mb)")
     args = ap.parse_args(argv)
@@ -31,6 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     from app.ui import build_demo
 
     demo = build_demo(config)
+    # Service managers stop the app with SIGTERM: exit like Ctrl+C does, so that the session store removes
+    # its temp folder (every upload's overlays and exports) instead of leaving it in /tmp.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=args.max_file_size)
 
 

@@ -43,7 +43,7 @@ class AppConfig:
     checkpoints: Path = field(default_factory=lambda: Path(os.environ.get("CORRVOS_CHECKPOINTS", REPO / "checkpoints")))
     device: str = field(default_factory=default_device)
     # Processing size given to the Tracker (shorter side): "auto" = each checkpoint's training scale
-    # (model.preferred_size: 240 for the shipped models, 480 for upstream files); None = input size.
+    # (model.preferred_size: 192 for the shipped models, 480 for upstream files); None = input size.
     size: int | str | None = "auto"
     max_frames: int | None = None  # None: FRAME_CAP for the device
     preview_every: int = 5
