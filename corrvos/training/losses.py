@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from corrvos.training.contrastive import Negatives
-from corrvos.training.ocl import ocl_loss
+from corrvos.training.ocl import host_array, ocl_loss
 from corrvos.training.pcl import pcl_loss
 from corrvos.training.schedule import ALPHA_MAX, BETA, BOOTSTRAP_FINAL_P, bootstrap_p, correspondence_alpha
 from corrvos.training.seg_losses import bootstrapped_ce, dice_loss
@@ -83,12 +83,8 @@ def boxes_from_batch(batch: dict[str, Any], frame: int) -> tuple[list[np.ndarray
     with ``num_boxes`` ``(B, T)`` valid rows, and ``object_boxes`` ``(B, T, A, 4)`` (``-1`` rows where
     an object is absent) with ``object_box_ids`` ``(B, A)`` (``-1`` padding).
     """
-    def host(key: str, dtype: type) -> np.ndarray:
-        x = batch[key]
-        return (x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)).astype(dtype, copy=False)
-
-    boxes, num = host("boxes", np.float32)[:, frame], host("num_boxes", np.int64)[:, frame]
-    obj, obj_ids = host("object_boxes", np.float32)[:, frame], host("object_box_ids", np.int64)
+    boxes, num = host_array(batch["boxes"], np.float32)[:, frame], host_array(batch["num_boxes"], np.int64)[:, frame]
+    obj, obj_ids = host_array(batch["object_boxes"], np.float32)[:, frame], host_array(batch["object_box_ids"], np.int64)
     present = (obj_ids > 0) & (obj[..., 2] > obj[..., 0]) & (obj[..., 3] > obj[..., 1]) & (obj[..., 0] >= 0)
     out_boxes, out_ids = [], []
     for b in range(len(boxes)):

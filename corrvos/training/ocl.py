@@ -141,10 +141,10 @@ def match_objects(query_feat: Tensor, cand_feat: Tensor) -> Tensor:
         return assign(sim, ok, on)[0]
 
 
-def _host(x: Tensor | np.ndarray, dtype: type) -> np.ndarray:
-    """A host array view of ``x`` (zero-copy for CPU tensors)."""
+def host_array(x: Tensor | np.ndarray, dtype: type) -> np.ndarray:
+    """``x`` as a numpy array of ``dtype``: zero-copy, and no torch op, for CPU tensors without grad."""
     if torch.is_tensor(x):
-        x = x.detach().cpu().numpy()
+        x = (x if x.device.type == "cpu" and not x.requires_grad else x.detach().cpu()).numpy()
     return np.asarray(x).astype(dtype, copy=False)
 
 
@@ -155,7 +155,7 @@ def sample_queries(boxes: Tensor | np.ndarray, ids: Tensor | np.ndarray, num_que
     The bookkeeping is numpy (a few microseconds per call, where each small torch op costs several);
     only the random draws are torch's, so that ``generator`` (or torch's global RNG) decides them.
     """
-    boxes, ids = _host(boxes, np.float32), _host(ids, np.int64)
+    boxes, ids = host_array(boxes, np.float32), host_array(ids, np.int64)
     if len(boxes) == 0:
         return np.zeros(0, dtype=np.int64)
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2
@@ -202,8 +202,8 @@ def _plan(boxes_t, ids_t, boxes_t2, ids_t2, use_proposals: bool, use_annotated: 
     batch = len(boxes_t)
     q_boxes, p_boxes, known, free = [], [], [], []
     for b in range(batch):
-        bt, it = _select_kinds(_host(boxes_t[b], np.float32), _host(ids_t[b], np.int64), use_proposals, use_annotated)
-        bt2, it2 = _select_kinds(_host(boxes_t2[b], np.float32), _host(ids_t2[b], np.int64), use_proposals, use_annotated)
+        bt, it = _select_kinds(host_array(boxes_t[b], np.float32), host_array(ids_t[b], np.int64), use_proposals, use_annotated)
+        bt2, it2 = _select_kinds(host_array(boxes_t2[b], np.float32), host_array(ids_t2[b], np.int64), use_proposals, use_annotated)
         bt2, it2 = _cap_candidates(bt2, it2, max_candidates, generator)
         # An annotated object can only be a query if it is still visible in t'.
         present = (it <= 0) | np.isin(it, it2[it2 > 0])
