@@ -41,7 +41,8 @@ The paper's code has no object-level loss; this is our implementation of the tex
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import NamedTuple, Union
 
 import numpy as np
 import torch
@@ -59,6 +60,8 @@ ROI_BINS = 4
 INTRA_IOU = 0.5
 MAX_ENUMERATED_QUERIES = 5
 _NEG = -1e30
+# Boxes or ids of one sample: CPU tensors or numpy arrays (the bookkeeping is numpy).
+HostBoxes = Union[Tensor, np.ndarray]
 
 
 class OclResult(NamedTuple):
@@ -196,7 +199,8 @@ class _Plan(NamedTuple):
     flags: dict[str, np.ndarray]  # bool arrays, moved in one copy
 
 
-def _plan(boxes_t, ids_t, boxes_t2, ids_t2, use_proposals: bool, use_annotated: bool, num_queries: int, cell: int,
+def _plan(boxes_t: Sequence[HostBoxes], ids_t: Sequence[HostBoxes], boxes_t2: Sequence[HostBoxes],
+          ids_t2: Sequence[HostBoxes], use_proposals: bool, use_annotated: bool, num_queries: int, cell: int,
           max_candidates: int, generator: torch.Generator | None) -> _Plan | None:
     """Which boxes, which queries, which matches are known by identity; None when there is no query."""
     batch = len(boxes_t)
@@ -262,9 +266,9 @@ def _to_device_packed(arrays: dict[str, np.ndarray], dtype: np.dtype, device: to
     return out
 
 
-def ocl_loss(key_t: Tensor, key_t2: Tensor, boxes_t: list[Tensor], ids_t: list[Tensor], boxes_t2: list[Tensor],
-             ids_t2: list[Tensor], image_size: tuple[int, int], *, negatives: Negatives | str = Negatives.BOTH,
-             use_proposals: bool = True, use_annotated: bool = True, num_queries: int = NUM_QUERIES,
+def ocl_loss(key_t: Tensor, key_t2: Tensor, boxes_t: Sequence[HostBoxes], ids_t: Sequence[HostBoxes],
+             boxes_t2: Sequence[HostBoxes], ids_t2: Sequence[HostBoxes], image_size: tuple[int, int], *,
+             negatives: Negatives | str = Negatives.BOTH, use_proposals: bool = True, use_annotated: bool = True, num_queries: int = NUM_QUERIES,
              cell: int = CLUSTER_CELL, max_candidates: int = MAX_CANDIDATES,
              generator: torch.Generator | None = None) -> OclResult:
     """L_OCL between frames t and t' of a batch of clips.
