@@ -281,7 +281,10 @@ def ocl_loss(key_t: Tensor, key_t2: Tensor, boxes_t: Sequence[HostBoxes], ids_t:
         image_size: ``(H, W)`` of the crop the boxes refer to.
     """
     negatives = Negatives(negatives)
-    batch, device = key_t.shape[0], key_t.device
+    device = key_t.device
+    if not len(boxes_t) == len(ids_t) == len(boxes_t2) == len(ids_t2) == key_t.shape[0]:
+        raise ValueError(f"ocl_loss needs one box and id list per sample: batch {key_t.shape[0]}, lists of "
+                         f"{len(boxes_t)}, {len(ids_t)}, {len(boxes_t2)}, {len(ids_t2)}")
 
     plan = _plan(boxes_t, ids_t, boxes_t2, ids_t2, use_proposals, use_annotated, num_queries, cell,
                  max_candidates, generator)
