@@ -36,6 +36,8 @@ Choices where the paper leaves room (also in the README, "Correspondence-aware t
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -44,6 +46,14 @@ from corrvos.models.similarity import similarity
 from corrvos.training.contrastive import Negatives, contrastive_ce, video_candidate_mask
 
 ANCHOR_GRID = 8
+
+
+@functools.lru_cache(maxsize=64)
+def _cells(n: int, cells: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Start and size of each of ``cells`` near-equal cells of ``range(n)``, on ``device``; cached, since
+    every training step asks for the same few (the kernels that make them would be a step's launches)."""
+    edges = torch.div(torch.arange(cells + 1, device=device) * n, cells, rounding_mode="floor")
+    return edges[:-1], edges[1:] - edges[:-1]
 
 
 def jittered_grid(batch: int, h: int, w: int, grid: int = ANCHOR_GRID, generator: torch.Generator | None = None,
@@ -58,10 +68,8 @@ def jittered_grid(batch: int, h: int, w: int, grid: int = ANCHOR_GRID, generator
     # Without an explicit generator everything is made on the target device: a host-to-device copy
     # of pageable memory would synchronise the CUDA stream in the middle of the step.
     rand_device = device if generator is None else torch.device("cpu")
-    y_edges = torch.div(torch.arange(gy + 1, device=device) * h, gy, rounding_mode="floor")
-    x_edges = torch.div(torch.arange(gx + 1, device=device) * w, gx, rounding_mode="floor")
-    y0, ysize = y_edges[:-1], y_edges[1:] - y_edges[:-1]
-    x0, xsize = x_edges[:-1], x_edges[1:] - x_edges[:-1]
+    y0, ysize = _cells(h, gy, device)
+    x0, xsize = _cells(w, gx, device)
     # (term, y|x, sample, cell): on the CPU the same numbers, in the same order, as drawing ys then xs
     # per term in separate calls.
     r = torch.rand(terms, 2, batch, gy, gx, generator=generator, device=rand_device).to(device)
