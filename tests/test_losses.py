@@ -353,3 +353,19 @@ def test_contrastive_ce_no_valid_query_is_zero():
     sim = torch.randn(1, 4, 3, requires_grad=True)
     loss = contrastive_ce(sim, torch.zeros(1, 3, dtype=torch.long), valid=torch.zeros(1, 3, dtype=torch.bool))
     assert loss.item() == 0.0 and loss.requires_grad
+
+
+def test_speed_count_ops_cli(tmp_path, capsys):
+    """`python -m corrvos.training.speed --count-ops`: one line and one JSON row per variant, and the
+    full method dispatches more ops than L_seg alone (but fewer than twice as many)."""
+    import json
+
+    from corrvos.training import speed
+
+    out = tmp_path / "ops.json"
+    assert speed.main(["--count-ops", "--models", "stcn-s", "--variants", "seg", "pcl,ocl", "--batch", "2",
+                       "--crop", "64", "--device", "cpu", "--json", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"seg", "pcl,ocl"}
+    assert rows["seg"]["ops"] < rows["pcl,ocl"]["ops"] < 2 * rows["seg"]["ops"]
+    assert "vs seg" in capsys.readouterr().out
