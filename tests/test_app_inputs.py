@@ -58,7 +58,7 @@ def test_bad_ground_truth_uploads_are_one_sentence(tmp_path, private_tmp):
         read_ground_truth([str(bad)], NAMES, SHAPE)
     with pytest.raises(InputError, match="holds no PNG masks"):
         read_ground_truth([str(tmp_path / "notes.txt")], NAMES, SHAPE)
-    small = _masks(tmp_path / "", names=["00000"], shape=(6, 8))
+    small = _masks(tmp_path, names=["00000"], shape=(6, 8))
     with pytest.raises(InputError, match="6x8 but the frames are 12x16"):
         read_ground_truth([str(p) for p in small], NAMES, SHAPE)
     few = _masks(tmp_path, names=["x", "y"])

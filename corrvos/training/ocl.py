@@ -252,7 +252,7 @@ def _plan(boxes_t: Sequence[HostBoxes], ids_t: Sequence[HostBoxes], boxes_t2: Se
     ints = dict(owner=owner, p_offset=p_offset, q_slot=q_slot, p_slot=p_slot, known_pad=known_pad, bank_q=bank_q,
                 q_owner=owner[bank_q], q_flat=np.flatnonzero(q_in))
     flags = dict(is_query=is_query, cand_ok=cand_ok, query_on=query_on)
-    return _Plan(rois.astype(np.float32), ints, flags)
+    return _Plan(rois, ints, flags)
 
 
 def _to_device_packed(arrays: dict[str, np.ndarray], dtype: np.dtype, device: torch.device) -> dict[str, Tensor]:
@@ -268,8 +268,8 @@ def _to_device_packed(arrays: dict[str, np.ndarray], dtype: np.dtype, device: to
 
 def ocl_loss(key_t: Tensor, key_t2: Tensor, boxes_t: Sequence[HostBoxes], ids_t: Sequence[HostBoxes],
              boxes_t2: Sequence[HostBoxes], ids_t2: Sequence[HostBoxes], image_size: tuple[int, int], *,
-             negatives: Negatives | str = Negatives.BOTH, use_proposals: bool = True, use_annotated: bool = True, num_queries: int = NUM_QUERIES,
-             cell: int = CLUSTER_CELL, max_candidates: int = MAX_CANDIDATES,
+             negatives: Negatives | str = Negatives.BOTH, use_proposals: bool = True, use_annotated: bool = True,
+             num_queries: int = NUM_QUERIES, cell: int = CLUSTER_CELL, max_candidates: int = MAX_CANDIDATES,
              generator: torch.Generator | None = None) -> OclResult:
     """L_OCL between frames t and t' of a batch of clips.
 

@@ -62,6 +62,16 @@ def collate(samples: list[dict]) -> dict:
     return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
 
 
+def synthetic_batches(model: str, args: argparse.Namespace, count: int, seed: int = 0) -> list[dict]:
+    """``count`` collated batches of ``args.batch`` clips shaped for ``model``'s main stage (frames, objects)."""
+    from corrvos.training.stages import get_stage
+
+    preset = get_stage(model, "main")
+    rng = np.random.default_rng(seed)
+    return [collate([synthetic_sample(rng, preset.frames, preset.max_objects, args.crop) for _ in range(args.batch)])
+            for _ in range(count)]
+
+
 @contextlib.contextmanager
 def variant_trainer(model: str, corr: str, cross_view: bool, view_scale: float, args: argparse.Namespace):
     """A ``Trainer`` of ``model`` for one variant, past the bootstrapping warm-up, writing to a temp dir."""
@@ -148,11 +158,7 @@ def check_syncs(model: str, args: argparse.Namespace) -> None:
     """Print every call site that made the device synchronise during one full-method training step."""
     import warnings
 
-    from corrvos.training.stages import get_stage
-
-    preset = get_stage(model, "main")
-    rng = np.random.default_rng(1)
-    batch = collate([synthetic_sample(rng, preset.frames, preset.max_objects, args.crop) for _ in range(args.batch)])
+    batch = synthetic_batches(model, args, 1, seed=1)[0]
     quick = argparse.Namespace(**{**vars(args), "iters": 0, "warmup": 1})
     time_variant(model, *VARIANTS["pcl,ocl"], [batch], quick)  # warm-up outside the check
     with warnings.catch_warnings(record=True) as caught:
@@ -169,13 +175,9 @@ def check_syncs(model: str, args: argparse.Namespace) -> None:
 
 
 def print_op_counts(args: argparse.Namespace) -> int:
-    from corrvos.training.stages import get_stage
-
     results = []
     for model in args.models:
-        preset = get_stage(model, "main")
-        rng = np.random.default_rng(0)
-        batch = collate([synthetic_sample(rng, preset.frames, preset.max_objects, args.crop) for _ in range(args.batch)])
+        batch = synthetic_batches(model, args, 1)[0]
         base = None
         for name in args.variants:
             counts = count_ops(model, *VARIANTS[name], batch, args)
@@ -214,15 +216,10 @@ def main(argv: list[str] | None = None) -> int:
                         "places that synchronise the device")
     args = p.parse_args(argv)
 
-    from corrvos.training.stages import get_stage
-
     if args.check_syncs and torch.cuda.is_available():
         check_syncs(args.models[0], args)
     if args.profile:
-        preset = get_stage(args.models[0], "main")
-        rng = np.random.default_rng(0)
-        batches = [collate([synthetic_sample(rng, preset.frames, preset.max_objects, args.crop)
-                            for _ in range(args.batch)]) for _ in range(2)]
+        batches = synthetic_batches(args.models[0], args, 2)
         for name in args.profile:
             rate = time_variant(args.models[0], *VARIANTS[name], batches, args, profile=True)
             print(f"^ {args.models[0]} {name}: {rate:.3f} it/s while profiled")
@@ -231,10 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         return print_op_counts(args)
     results = []
     for model in args.models:
-        preset = get_stage(model, "main")
-        rng = np.random.default_rng(0)
-        batches = [collate([synthetic_sample(rng, preset.frames, preset.max_objects, args.crop)
-                            for _ in range(args.batch)]) for _ in range(4)]
+        batches = synthetic_batches(model, args, 4)
         best: dict[str, float] = {}
         for _ in range(args.repeats):
             for name in args.variants:
