@@ -1,6 +1,8 @@
 """Plotly figures of the app (hover-only: Gradio's Plot sends no clicks back)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from corrvos.io.masks import PALETTE
 from corrvos.viz.compare import FrameSeries
 
@@ -10,8 +12,11 @@ def _rgb(k: int) -> str:
     return f"rgb({r},{g},{b})"
 
 
-def comparison_figure(series: FrameSeries, titles: dict[str, str], anno_t: int | None = None):
-    """Two rows: agreement (IoU A vs B, and J vs ground truth when given) and mask area per object."""
+def comparison_figure(series: FrameSeries, titles: dict[str, str], given: Sequence[int] = ()):
+    """Two rows: agreement (IoU A vs B, and J vs ground truth when given) and mask area per object.
+
+    ``given`` frames (the annotated frame and the corrections) are marked with a dotted line.
+    """
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -33,8 +38,8 @@ def comparison_figure(series: FrameSeries, titles: dict[str, str], anno_t: int |
                 go.Scatter(x=series.frames, y=pct, name=f"{slot} obj{k}", mode="lines",
                            line=dict(color=_rgb(k), dash=dashes[i % 3]), legendgroup=slot), 2, 1,
             )
-    if anno_t is not None:
-        fig.add_vline(x=anno_t, line=dict(color="gray", dash="dot"))
+    for t in given:
+        fig.add_vline(x=t, line=dict(color="gray", dash="dot"))
     fig.update_yaxes(range=[0, 1.02], row=1, col=1)
     fig.update_xaxes(title_text="frame", row=2, col=1)
     fig.update_layout(height=460, margin=dict(l=40, r=10, t=40, b=40), legend=dict(orientation="h", y=-0.18))

@@ -31,7 +31,7 @@ from app.session import (
     propagate_runs,
 )
 from corrvos.errors import CheckpointError, CorrvosError, InputError
-from corrvos.io.masks import read_mask, write_mask
+from corrvos.io.masks import check_mask, read_mask, write_mask
 from corrvos.io.video import VideoWriter, load_frames
 from corrvos.models.provenance import describe_checkpoint
 from corrvos.viz.compare import disagreement_view, frame_series
@@ -207,6 +207,7 @@ class AppHandlers:
         session = self._session(request)
         t = int(np.clip(int(t or 0), 0, len(session.frames) - 1))
         mask = session.example_mask if t == 0 else None
+        session.correcting = None
         return self._editor_value(session, t, mask)
 
     # ------------------------------------------------------------------------------------------- propagate
@@ -259,6 +260,12 @@ class AppHandlers:
         Outputs: view A, view B, disagreement view, status, frame slider, video A, video B, chart.
         """
         session = self._session(request)
+        if session.correcting is not None:
+            # The editor holds a corrected frame, not the annotation: propagating it as frame t0 would be wrong.
+            raise InputError(
+                f"the editor holds frame {session.correcting} for a correction; press 'Re-propagate from the "
+                "correction', or move the annotated-frame slider to annotate again."
+            )
         t0 = int(np.clip(int(anno_t or 0), 0, len(session.frames) - 1))
         layers = editor.get("layers") if isinstance(editor, dict) else None
         mask = inputs.first_mask(layers, mask_file, session.frames[t0].shape)
@@ -268,11 +275,72 @@ class AppHandlers:
         models = {slot: self.models.get(path, self.config.device) for slot, path in paths.items()}
 
         session.anno_t, session.mask, session.num_objects, session.gt = t0, mask, num_objects, gt
+        session.given, session.correcting = {t0: mask}, None
         n = len(session.frames)
         session.runs = {slot: ModelRun(slot, paths[slot], [None] * n) for slot in SLOTS}
-        start = time.perf_counter()
+        yield from self._run_from(session, models, t0, progress)
+
+    @user_errors
+    def edit_frame(self, t: float, source: str | None = "B", request: gr.Request | None = None) -> tuple[dict, str]:
+        """Put frame ``t`` with model ``source``'s masks into the editor, to be corrected there.
+
+        Outputs: the editor value and a status line saying what to do next.
+        """
+        session = self._session(request)
+        self._require_complete(session, "correcting a frame")
+        t = int(np.clip(int(t or 0), 0, len(session.frames) - 1))
+        slot = source if source in SLOTS else SLOTS[-1]
+        session.correcting = t
+        status = (
+            f"Frame {t} is in the editor with {slot}'s masks: fix them (one layer per object; the eraser removes), "
+            "then press 'Re-propagate from the correction'. Both models get the same corrected mask."
+        )
+        return self._editor_value(session, t, session.runs[slot].labels[t]), status
+
+    @user_errors
+    def correct(self, editor: dict | None, request: gr.Request | None = None, progress: gr.Progress = gr.Progress()):
+        """Give both models the corrected mask of the frame in the editor and propagate again from there.
+
+        Only the frames on the far side of the correction (seen from the annotated frame) are recomputed;
+        both models get the same correction, so A and B stay comparable. Outputs as ``propagate``.
+        """
+        session = self._session(request)
+        self._require_complete(session, "correcting a frame")
+        t = session.correcting
+        if t is None:
+            raise InputError("no frame is being corrected; pick a frame with the frame slider and press 'Correct this frame' first.")
+        layers = editor.get("layers") if isinstance(editor, dict) else None
+        labels = inputs.labels_from_layers(layers)
+        if labels is None:
+            raise InputError(f"the correction of frame {t} marks no object; draw the objects' masks, or keep the results as they are.")
+        labels = check_mask(labels, session.frames[t].shape)
+        extra = sorted(int(k) for k in np.unique(labels) if k > session.num_objects)
+        if extra:
+            raise InputError(
+                f"the correction of frame {t} marks object {extra[0]}, which the annotated frame does not have; "
+                f"correct only objects 1 to {session.num_objects}, or add objects on the annotated frame and propagate again."
+            )
+        models = {slot: self.models.get(session.runs[slot].checkpoint, self.config.device) for slot in SLOTS}
+        session.given[t] = labels
+        session.correcting = None
+        yield from self._run_from(session, models, t, progress)
+
+    @staticmethod
+    def _require_complete(session: Session, what: str) -> None:
+        if not session.runs:
+            raise InputError(f"there are no results yet; press Propagate before {what}.")
+        for slot, run in session.runs.items():
+            if not run.complete:
+                raise InputError(f"model {slot} did not finish every frame (the run was stopped); propagate again before {what}.")
+
+    def _run_from(self, session: Session, models: dict, start: int, progress: gr.Progress):
+        """Propagate from given frame ``start`` with live previews, then the overlay videos, chart and status."""
+        n = len(session.frames)
+        started = time.perf_counter()
         skip = gr.skip()
-        for step in propagate_runs(session, models, self.config):
+        steps = 0
+        for step in propagate_runs(session, models, self.config, start):
+            steps = step.total
             progress((step.done, step.total), desc=f"propagating ({step.slot} frame {step.t})")
             # Yield after every model step, not only with previews: Stop (a cancel) takes effect at the next
             # yield, so this keeps it within one frame's work.
@@ -282,27 +350,33 @@ class AppHandlers:
                 yield a, b, diff, status, skip, skip, skip, skip
             else:
                 yield skip, skip, skip, skip, skip, skip, skip, skip
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - started
         progress(None, desc="writing overlay videos")
         videos = [self._write_overlay_video(session, slot) for slot in SLOTS]
-        fig = comparison_figure(frame_series({s: session.runs[s].labels for s in SLOTS}, num_objects, gt),
-                                {s: session.runs[s].title for s in SLOTS}, anno_t=t0)
-        a, b, diff = self._view_updates(session, t0)
-        per_frame = elapsed / (n - 1) if n > 1 else 0.0
-        status = (
-            f"Done: {n} frames, {num_objects} object(s), annotated frame {t0}, {elapsed:.1f} s "
-            f"({per_frame:.2f} s per frame for A and B together on {self.config.device_label.split(' ')[0]}). "
-            f"Memory at the last frame: {self._memory_text(session)}. "
-            "Scrub the frame slider, click a pixel of A or B to inspect its memory read."
+        fig = comparison_figure(frame_series({s: session.runs[s].labels for s in SLOTS}, session.num_objects, session.gt),
+                                {s: session.runs[s].title for s in SLOTS}, given=sorted(session.given))
+        a, b, diff = self._view_updates(session, start)
+        frames_done = steps // len(SLOTS)
+        per_frame = elapsed / frames_done if frames_done else 0.0
+        corrections = sorted(t for t in session.given if t != session.anno_t)
+        what = (
+            f"annotated frame {session.anno_t}"
+            + (f", corrected frame(s) {', '.join(map(str, corrections))}" if corrections else "")
         )
-        slider = gr.Slider(minimum=0, maximum=max(n - 1, 0), value=t0, step=1, interactive=n > 1)
+        status = (
+            f"Done: {frames_done} of {n} frames propagated from frame {start}, {session.num_objects} object(s), {what}, "
+            f"{elapsed:.1f} s ({per_frame:.2f} s per frame for A and B together on {self.config.device_label.split(' ')[0]}). "
+            f"Memory at the last frame: {self._memory_text(session)}. "
+            "Scrub the frame slider, click a pixel of A or B to inspect its memory read, or correct a frame."
+        )
+        slider = gr.Slider(minimum=0, maximum=max(n - 1, 0), value=start, step=1, interactive=n > 1)
         yield a, b, diff, status, slider, str(videos[0]), str(videos[1]), fig
 
     @staticmethod
     def _memory_text(session: Session) -> str:
         parts = []
         for slot, run in session.runs.items():
-            tracker = run.forward if run.forward is not None else run.backward
+            tracker = run.last_tracker
             if tracker is None:
                 continue
             stats = tracker.memory_stats()
@@ -339,7 +413,7 @@ class AppHandlers:
 
     def _affinity(self, t: float, x: float, y: float, request: gr.Request | None):
         session = self._session(request)
-        if not session.runs or session.runs["A"].forward is None:
+        if not session.runs or not session.runs["A"].passes:
             raise InputError("there are no results to inspect yet; press Propagate first.")
         n = len(session.frames)
         t = int(np.clip(int(t or 0), 0, n - 1))
@@ -347,9 +421,10 @@ class AppHandlers:
         if x is None or y is None or not (0 <= x < w and 0 <= y < h):
             raise InputError(f"the point ({x}, {y}) lies outside the {w}x{h} frame; click inside the frame.")
         x, y = float(x), float(y)
-        if t == session.anno_t:
+        if t in session.given:
+            kind = "the annotated frame" if t == session.anno_t else "a corrected frame"
             raise InputError(
-                f"frame {t} is the annotated frame, which reads no memory; move the frame slider to another frame."
+                f"frame {t} is {kind}, whose mask was given and which reads no memory; move the frame slider to another frame."
             )
         galleries, strips, lines = [], [], []
         for slot in SLOTS:
@@ -414,17 +489,19 @@ def _tracker_pad(tracker) -> tuple[int, int, int, int]:
 def affinity_view(session: Session, slot: str, t: int, x: float, y: float) -> AffinityView:
     """Ask model ``slot``'s tracker where pixel (x, y) of frame ``t`` read its memory from, and render it."""
     run = session.runs[slot]
-    tracker, local, direction = session.tracker_for(slot, t)
-    if tracker is None:
+    found = session.tracker_for(slot, t)
+    if found is None:
         raise InputError(f"model {slot} has no result for frame {t}; propagate again.")
+    walk, local = found
+    tracker = walk.tracker
     m = tracker.matches(local, int(x), int(y), k=MATCHES_SHOWN)
     pad = _tracker_pad(tracker)
-    mem_abs = [session.to_absolute(f, direction) for f in m.memory_frames]
+    mem_abs = [walk.frames[f] for f in m.memory_frames]
     grids = [g.numpy() for g in m.heatmaps]
     masks = [run.labels[f] for f in mem_abs]
     summary = summarize_affinity(grids, masks if all(l is not None for l in masks) else None, pad,
                                  num_objects=session.num_objects)
-    top = [(session.to_absolute(f, direction), mx, my, w) for f, mx, my, w in m.top]
+    top = [(walk.frames[f], mx, my, w) for f, mx, my, w in m.top]
     vmax = max(float(g.max()) for g in grids) if grids else None
     panels = []
     for t_mem, grid, weight in zip(mem_abs, grids, summary.frame_weight):

@@ -121,19 +121,36 @@ class ModelCache:
 
 
 @dataclass
+class Pass:
+    """One tracker's walk over the clip: ``frames[i]`` is the absolute frame of its step ``i``.
+
+    A pass starts with the given (annotated or corrected) frames that lead to its first predicted frame,
+    in order of their distance from the annotated frame, then runs to one end of the clip.
+    """
+
+    tracker: object
+    frames: list[int]
+
+    def local(self, t: int) -> int | None:
+        try:
+            return self.frames.index(t)
+        except ValueError:
+            return None
+
+
+@dataclass
 class ModelRun:
     """One checkpoint's results on the session's clip.
 
-    ``labels[t]`` is the label map at the input size (None until frame t is done). Frames after the
-    annotated frame ``t0`` come from ``forward`` (local index t - t0), frames before it from
-    ``backward`` (local index t0 - t), which ran on the reversed clip.
+    ``labels[t]`` is the label map at the input size (None until frame t is done). ``passes`` are the
+    trackers that produced them, in the order they ran; a later pass (after a correction) supersedes an
+    earlier one on the frames it predicts.
     """
 
     slot: str
     checkpoint: Path
     labels: list[np.ndarray | None]
-    forward: object | None = None
-    backward: object | None = None
+    passes: list[Pass] = field(default_factory=list)
     video: Path | None = None
 
     @property
@@ -143,6 +160,10 @@ class ModelRun:
     @property
     def complete(self) -> bool:
         return all(lab is not None for lab in self.labels)
+
+    @property
+    def last_tracker(self) -> object | None:
+        return self.passes[-1].tracker if self.passes else None
 
 
 @dataclass
@@ -161,20 +182,41 @@ class Session:
     runs: dict[str, ModelRun] = field(default_factory=dict)
     gt: list[np.ndarray | None] | None = None
     example_mask: np.ndarray | None = None
+    # Every frame whose mask the user gave: the annotated frame and the corrections (absolute index -> labels).
+    given: dict[int, np.ndarray] = field(default_factory=dict)
+    # The frame the editor holds for a correction (None: the editor holds the annotated frame).
+    correcting: int | None = None
 
     @property
     def size(self) -> tuple[int, int]:
         return self.frames[0].shape[:2]
 
-    def tracker_for(self, slot: str, t: int) -> tuple[object | None, int, int]:
-        """(tracker, local index, direction) serving absolute frame ``t``; direction is +1 or -1."""
-        run = self.runs[slot]
-        if t >= self.anno_t:
-            return run.forward, t - self.anno_t, 1
-        return run.backward, self.anno_t - t, -1
+    def tracker_for(self, slot: str, t: int) -> tuple[Pass, int] | None:
+        """The pass that predicted absolute frame ``t`` for model ``slot`` (the latest one), and t's step in it."""
+        for p in reversed(self.runs[slot].passes):
+            local = p.local(t)
+            if local is not None and t not in self.given:
+                return p, local
+        return None
 
-    def to_absolute(self, local: int, direction: int) -> int:
-        return self.anno_t + direction * local
+    def pass_plans(self, start: int) -> list[list[int]]:
+        """The frame lists of the passes that (re)propagate from given frame ``start``.
+
+        From the annotated frame: forward to the end and backward to frame 0. From a correction: away from
+        the annotated frame only, so the frames between them keep their results. Each list opens with the
+        given frames on that side up to ``start`` (they fill the memory), then the frames to predict; given
+        frames further on are met on the way and keep their masks.
+        """
+        n = len(self.frames)
+        t0 = self.anno_t
+        directions = [1, -1] if start == t0 else [1 if start > t0 else -1]
+        plans = []
+        for d in directions:
+            lead = sorted((g for g in self.given if 0 <= (g - t0) * d <= abs(start - t0)), key=lambda g: abs(g - t0))
+            tail = list(range(start + d, n if d == 1 else -1, d))
+            if tail:
+                plans.append(lead + tail)
+        return plans
 
 
 class SessionStore:
@@ -224,54 +266,55 @@ class Progress:
     total: int
 
 
-def propagate_runs(session: Session, models: dict[str, object], config: AppConfig) -> Iterator[Progress]:
-    """Propagate every model forward from ``session.anno_t`` to the end, then backward to frame 0.
+def propagate_runs(session: Session, models: dict[str, object], config: AppConfig, start: int) -> Iterator[Progress]:
+    """Propagate every model from given frame ``start`` (the annotated frame or a correction).
 
-    Models advance in lock-step (one frame of A, one of B) so the live preview always shows both at
-    the same frame. Results land in ``session.runs[slot].labels`` as they come, so a stopped run keeps
-    what it has.
+    The frames each pass predicts are cleared first; given frames keep the user's masks. Models advance in
+    lock-step (one frame of A, one of B) so the live preview always shows both at the same frame. Results
+    land in ``session.runs[slot].labels`` as they come, so a stopped run keeps what it has.
     """
     import torch
 
     from corrvos import Tracker
 
-    t0, n = session.anno_t, len(session.frames)
-    for slot, model in models.items():
-        labels: list[np.ndarray | None] = [None] * n
-        labels[t0] = session.mask
-        session.runs[slot].labels = labels
-    total = len(models) * (n - 1)
+    plans = session.pass_plans(start)
+    for run in session.runs.values():
+        for plan in plans:
+            for t in plan:
+                run.labels[t] = None
+        for t, mask in session.given.items():
+            run.labels[t] = mask
+    total = len(models) * sum(sum(t not in session.given for t in plan) for plan in plans)
     done = 0
-    passes = [(1, session.frames[t0:])]
-    if t0 > 0:
-        passes.append((-1, session.frames[t0::-1]))
-    for direction, clip in passes:
-        if len(clip) < 2:
-            continue
-        gens = {}
+    for plan in plans:
+        steps = {}
         for slot, model in models.items():
             # Every frame stays explainable by a click (keys + memory snapshots; about 0.4 MB per 480p frame).
             size = model.preferred_size if config.size == "auto" else config.size
             tracker = Tracker(model, device=config.device, size=size, match_cache_frames=None)
-            if direction == 1:
-                session.runs[slot].forward = tracker
-            else:
-                session.runs[slot].backward = tracker
-            gens[slot] = tracker.propagate(clip, session.mask)
-        active = dict(gens)
+            session.runs[slot].passes.append(Pass(tracker, plan))
+            steps[slot] = _walk(tracker, session, plan)
+        active = dict(steps)
         while active:
             for slot in list(active):
                 # Entered per step, not around the loop: Gradio may resume this generator on another
                 # worker thread, and inference mode is thread-local.
                 try:
                     with torch.inference_mode():
-                        local, lab = next(active[slot])
+                        t, lab = next(active[slot])
                 except StopIteration:
                     del active[slot]
                     continue
-                if local == 0:
-                    continue  # the annotated frame itself: keep the user's mask
-                t = session.to_absolute(local, direction)
                 session.runs[slot].labels[t] = lab
                 done += 1
                 yield Progress(slot, t, done, total)
+
+
+def _walk(tracker, session: Session, plan: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """Run ``tracker`` over the frames of ``plan``; yields (t, labels) for each predicted frame."""
+    masks = {i: session.given[t] for i, t in enumerate(plan) if i > 0 and t in session.given}
+    # A given frame speaks for every object: one the user left out is absent there, not still to be tracked.
+    results = tracker.propagate((session.frames[t] for t in plan), session.given[plan[0]], masks, complete_masks=True)
+    for i, labels in results:
+        if plan[i] not in session.given:
+            yield plan[i], labels

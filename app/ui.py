@@ -15,6 +15,7 @@ INTRO = """# corrvos: compare two VOS checkpoints and inspect their memory match
 2. Mark each object on its own layer (obj1, obj2, … in the editor's layer list) on the annotated frame, or upload a mask PNG.
 3. Propagate with checkpoints **A** (baseline) and **B** (correspondence-trained): forward and backward from the annotated frame.
 4. Scrub the frames, then **click a pixel** of A, B or the disagreement view to see where each model's memory read sent it.
+5. A frame went wrong? **Correct this frame** loads it into the editor with a model's masks; fix them and re-propagate from there.
 """
 
 
@@ -79,6 +80,10 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
                 view_diff = gr.Image(label="Where A and B differ", interactive=False, elem_id="view-diff", format="jpeg")
                 gr.HTML(legend)
         with gr.Row():
+            fix_from = gr.Radio(["A", "B"], value="B", label="Correct starting from the masks of", elem_id="fix-from")
+            fix = gr.Button("Correct this frame (loads it into the editor above)", elem_id="fix")
+            refix = gr.Button("Re-propagate from the correction", variant="primary", elem_id="repropagate")
+        with gr.Row():
             video_a = gr.Video(label="Overlay video A", interactive=False, height=300)
             video_b = gr.Video(label="Overlay video B", interactive=False, height=300)
         chart = gr.Plot(label="Per frame")
@@ -117,7 +122,12 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
             [view_a, view_b, view_diff, status, frame, video_a, video_b, chart],
             api_name="propagate", show_progress="minimal", **gpu,
         )
-        stop.click(None, None, None, cancels=[prop])
+        fix.click(h.edit_frame, [frame, fix_from], [editor, status], api_name="edit_frame")
+        reprop = refix.click(
+            h.correct, [editor], [view_a, view_b, view_diff, status, frame, video_a, video_b, chart],
+            api_name="correct", show_progress="minimal", **gpu,
+        )
+        stop.click(None, None, None, cancels=[prop, reprop])
         frame.change(h.show_frame, [frame], [view_a, view_b, view_diff], trigger_mode="always_last",
                      api_name="show_frame", show_progress="hidden")
 

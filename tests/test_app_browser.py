@@ -1,4 +1,5 @@
-"""End to end in headless Chromium: upload a video, draw a mask, propagate, click a pixel, screenshot.
+"""End to end in headless Chromium: upload a video, draw a mask, propagate, click a pixel, correct a frame,
+screenshot.
 
 Drives Debian's /usr/bin/chromium through Playwright (no browser download); skipped with a reason
 when either is missing. The screenshot path is printed (run pytest with -s to see it).
@@ -102,14 +103,39 @@ def test_upload_draw_propagate_click_screenshot(browser, server, tmp_path):
         readout = page.inner_text("#readout")
         assert "A: stcn-s_baseline" in readout and "B: stcn-s_corr" in readout
         assert page.locator("#gallery-a img").count() >= 1
+        # The strip's <img> loads lazily: only once it is scrolled near the viewport, as a person would.
+        page.locator("#strip").scroll_into_view_if_needed()
         page.locator("#strip img").first.wait_for(state="visible", timeout=30_000)
+
+        # Correct frame 3: it goes into the editor with B's masks; one more stroke, then re-propagate from it.
+        t_fix = time.perf_counter()
+        page.click("#fix")
+        _wait_text(page, "#status", "Frame 3 is in the editor", 60)
+        canvas.scroll_into_view_if_needed()
+        page.wait_for_timeout(1000)
+        box = canvas.bounding_box()
+        cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        page.mouse.move(cx - 40, cy)
+        page.mouse.down()
+        page.mouse.up()
+        page.wait_for_timeout(300)
+        page.mouse.move(cx - 40, cy + 8)
+        page.mouse.down()
+        page.mouse.move(cx + 20, cy + 8, steps=3)
+        page.mouse.up()
+        page.click("#repropagate")
+        _wait_text(page, "#status", "corrected frame(s) 3", 240)
+        fixed_status = page.inner_text("#status")
+        assert f"Done: 2 of {N_FRAMES} frames propagated from frame 3" in fixed_status, fixed_status
+        t_fixed = time.perf_counter()
 
         out = tmp_path / "app_browser.png"  # pytest keeps the last few runs' folders, then removes them
         page.screenshot(path=str(out), full_page=True)
         print(f"\nscreenshot: {out}\nstatus: {status}")
         print(f"upload -> masks for {N_FRAMES} frames ({CLIP_SIZE[0]}x{CLIP_SIZE[1]}, A+B): {t_done - t_upload:.1f} s; "
               f"click -> heatmaps shown: {t_heat - t_click:.2f} s (upload {t_loaded - t_upload:.1f} s, drawing "
-              f"{t_drawn - t_loaded:.1f} s, propagate click -> Done {t_done - t_drawn:.1f} s)")
+              f"{t_drawn - t_loaded:.1f} s, propagate click -> Done {t_done - t_drawn:.1f} s); "
+              f"correction of frame 3 -> Done {t_fixed - t_fix:.1f} s")
         assert out.stat().st_size > 10_000
     finally:
         page.close()

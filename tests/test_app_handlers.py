@@ -116,7 +116,7 @@ def test_show_frame_and_click_heatmaps(propagated):
     print(f"click -> heatmaps: {time.perf_counter() - start:.3f} s")
     assert (x, y) == (80, 50)
     session = h.store.get("local")
-    mem_frames = session.runs["A"].forward.matches(3, 80, 50).memory_frames
+    mem_frames = session.runs["A"].passes[0].tracker.matches(3, 80, 50).memory_frames
     assert len(gal_a) == len(mem_frames) >= 1 and len(gal_b) >= 1
     panel, caption = gal_a[0]
     assert panel.ndim == 3 and "memory frame 0" in caption
@@ -157,7 +157,7 @@ def test_backward_from_a_middle_frame_with_mask_file(assets):
     assert "annotated frame 2" in outs[-1][3]
     session = h.store.get("local")
     assert session.runs["A"].complete and session.runs["B"].complete
-    assert session.runs["A"].backward is not None
+    assert [p.frames for p in session.runs["A"].passes] == [[2, 3], [2, 1, 0]]
     gal_a, gal_b, strip, text = h.affinity_at(0, 80, 50)
     # Frame 0 was read (backward) from the annotated frame 2, which is memory frame 0 of that pass.
     assert [caption for _, caption in gal_a] == ["A · memory frame 2 · weight 1.000"]

@@ -166,6 +166,23 @@ def test_propagate_yields_labels_and_resets():
     assert len(again) == 3 and tracker.memory_stats().frames_processed == 3
 
 
+@pytest.mark.parametrize("arch", ["stcn", "xmem"])
+def test_complete_masks_remove_objects_a_correction_leaves_out(arch):
+    frames, labels = moving_squares(12)
+    correction = np.where(labels[5] == 2, 0, labels[5]).astype(np.uint8)  # object 2 erased at frame 5
+    partial = list(Tracker(FakeVOSNet(arch), size=None).propagate(frames, labels[0], masks={5: correction}))
+    complete = list(Tracker(FakeVOSNet(arch), size=None).propagate(frames, labels[0], masks={5: correction},
+                                                                complete_masks=True))
+    # By default the mask speaks only for object 1, so object 2 keeps being tracked there and after.
+    assert (partial[5][1] == 2).sum() > 0 and (partial[8][1] == 2).sum() > 0
+    # As a complete correction it says object 2 is gone: that frame is exactly the mask, and the frames
+    # after it (which still remember object 2 from frame 0) see less of it than without the correction.
+    assert np.array_equal(complete[5][1], correction)
+    assert all((c == 2).sum() < (p == 2).sum() for (_, p), (_, c) in zip(partial[6:], complete[6:]))
+    for (_, a), (_, b) in zip(partial[:5], complete[:5]):
+        assert np.array_equal(a, b)
+
+
 @pytest.mark.parametrize("name", ["stcn-s", "xmem-s"])
 def test_random_weight_small_models_run_and_matches_agree(name):
     torch.manual_seed(0)

@@ -440,6 +440,8 @@ class Tracker:
         frames: Iterable[np.ndarray | Tensor],
         first_mask: np.ndarray | Tensor,
         masks: Mapping[int, np.ndarray | Tensor] | None = None,
+        *,
+        complete_masks: bool = False,
     ) -> Iterator[tuple[int, np.ndarray]]:
         """Segment a whole video from its first-frame mask (resets the tracker first).
 
@@ -447,6 +449,8 @@ class Tracker:
             frames: any iterable of RGB ``HxWx3`` uint8 frames (read lazily, one frame ahead).
             first_mask: label map of frame 0.
             masks: optional later label maps ``{t: mask}`` that add (or correct) objects.
+            complete_masks: a later mask speaks for every tracked object (one it leaves out is absent
+                in that frame), as a user's correction does; by default it speaks only for the ids in it.
 
         Yields:
             ``(t, labels)`` with ``labels`` a ``HxW`` uint8 map of object ids (0 = background).
@@ -464,7 +468,11 @@ class Tracker:
             except StopIteration:
                 upcoming, last = None, True
             mask = first_mask if t == 0 else (masks or {}).get(t)
-            prob = self.step(current, mask, last=last)
+            objects = None
+            if complete_masks and mask is not None and t > 0:
+                present = torch.unique(torch.as_tensor(mask)).tolist()
+                objects = sorted(set(self.object_ids) | {int(v) for v in present if v != 0})
+            prob = self.step(current, mask, objects, last=last)
             yield t, self.labels_from(prob)
             if last:
                 return
