@@ -1,4 +1,4 @@
-"""Segment the objects of a first-frame mask through a whole video.
+"""Segment the objects of a first-frame mask (or of masks given at several frames) through a whole video.
 
     python -m corrvos.infer --checkpoint checkpoints/stcn-s.safetensors --video clip.mp4 --mask first.png --out out/
 
@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="input frames: a folder of .jpg/.png images or a .zip of them, in natural name order")
     p.add_argument("--mask", required=True, type=Path,
                    help="first-frame mask at the frames' size: palette PNG (DAVIS), 0/255 grayscale, or RGB "
-                        "with one colour per object")
+                        "with one colour per object; or a folder of such PNGs named after the frames they annotate "
+                        "(YouTube-VOS style: each adds new objects, or overwrites the ones it marks, from its frame on; "
+                        "tracking starts at the first one and earlier frames are written empty)")
     p.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="where the model runs (default: cuda when available, else cpu)")
@@ -80,15 +82,44 @@ class _RecentFrames(Sequence):
         return self._cache[t]
 
 
-def _compact_labels(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Renumber the mask's object ids to 1..K (the Tracker's convention); the lookup table maps them back."""
-    ids = np.unique(mask)
+def _compact_labels(masks: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Renumber the masks' object ids to 1..K (the Tracker's convention); the lookup table maps them back."""
+    ids = np.unique(np.concatenate([np.unique(m) for m in masks]))
     ids = ids[ids != 0]
     forward = np.zeros(256, np.uint8)
     forward[ids] = np.arange(1, len(ids) + 1, dtype=np.uint8)
     back = np.zeros(256, np.uint8)
     back[1:len(ids) + 1] = ids
-    return forward[mask], back
+    return [forward[m] for m in masks], back
+
+
+def read_given_masks(path: Path, names: Sequence[str], size: tuple[int, int]) -> dict[int, np.ndarray]:
+    """``--mask``: one PNG for frame 0, or a folder of PNGs named after the frames they annotate -> {t: labels}."""
+    from corrvos.io.masks import check_mask, read_mask
+
+    if not path.is_dir():
+        return {0: check_mask(read_mask(path), size)}
+    files = sorted(path.glob("*.png"))
+    if not files:
+        raise InputError(
+            f"the mask folder {path} holds no PNG files; put one mask per annotated frame there, named after its frame (e.g. 00000.png)."
+        )
+    index = {name: t for t, name in enumerate(names)}
+    masks = {}
+    for f in files:
+        if f.stem not in index:
+            raise InputError(
+                f"the mask {f.name} in {path} names no frame of the input (its frames are {names[0]} ... {names[-1]}); "
+                "name each mask after the frame it annotates."
+            )
+        labels = read_mask(f)
+        if not np.asarray(labels).any():
+            raise InputError(f"the mask {f.name} in {path.name} has no object pixels; mark the objects it annotates, or remove it.")
+        try:
+            masks[index[f.stem]] = check_mask(labels, size)
+        except InputError as err:
+            raise InputError(f"{f.name}: {err}") from err
+    return masks
 
 
 def _validate_args(args: argparse.Namespace) -> None:
@@ -114,14 +145,17 @@ def _validate_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> Path:
     """Do the work of the CLI; returns the output folder. Raises CorrvosError on bad input."""
     _validate_args(args)
-    from corrvos.io.masks import check_mask, read_mask, write_mask
+    from corrvos.io.masks import write_mask
     from corrvos.io.video import VideoWriter, load_frames
     from corrvos.viz.overlay import overlay
 
     # Cheap checks first: a wrong mask is reported before the model is loaded or the video decoded.
     clip = load_frames(args.video if args.video is not None else args.frames, lazy=True, fps=args.fps)
-    mask = check_mask(read_mask(args.mask), clip.size)
-    first_mask, back = _compact_labels(mask)
+    given = read_given_masks(args.mask, clip.names, clip.size)
+    order = sorted(given)
+    compact, back = _compact_labels([given[t] for t in order])
+    start = order[0]
+    later = {t - start: m for t, m in zip(order[1:], compact[1:])}
 
     import torch
     from tqdm import tqdm
@@ -146,7 +180,15 @@ def run(args: argparse.Namespace) -> Path:
     written = 0
     video_out = contextlib.nullcontext() if args.no_video else VideoWriter(args.out / OVERLAY_NAME, fps=clip.fps)
     with video_out as writer:
-        for t, labels in tqdm(tracker.propagate(frames, first_mask), total=len(frames), desc="segmenting", unit="frame"):
+        # Before the first annotated frame no object is known yet (YouTube-VOS protocol): empty masks.
+        for t in range(start):
+            write_mask(args.out / f"{clip.names[t]}.png", np.zeros(clip.size, np.uint8))
+            if writer is not None:
+                writer.write(frames[t])
+            written += 1
+        tracked = tracker.propagate((frames[t] for t in range(start, len(frames))), compact[0], later)
+        for local, labels in tqdm(tracked, total=len(frames) - start, desc="segmenting", unit="frame"):
+            t = start + local
             labels = back[np.asarray(labels, dtype=np.uint8)]
             write_mask(args.out / f"{clip.names[t]}.png", labels)
             if writer is not None:

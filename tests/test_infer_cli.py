@@ -150,3 +150,49 @@ def test_cli_corrupt_checkpoint(tmp_path, synthetic_clip, capfd):
     junk.write_bytes(b"\x00garbage" * 100)
     code = main(["--checkpoint", str(junk), "--video", str(video), "--mask", str(mask), "--out", str(tmp_path / "o")])
     _assert_one_line_error(code, capfd.readouterr().err, "junk.pth")
+
+
+def test_cli_mask_folder_adds_objects_later_and_starts_at_the_first_annotation(tmp_path, synthetic_clip, tiny_checkpoint, capfd):
+    video, mask = synthetic_clip
+    first = read_mask(mask)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    # Frame 1: only object 1 (id 4); frame 3: a new object (id 9) in the lower-left corner, YouTube-VOS style.
+    m1 = np.where(first == 1, 4, 0).astype(np.uint8)
+    m3 = np.zeros_like(first)
+    m3[45:60, 5:25] = 9
+    write_mask(masks / "00001.png", m1)
+    write_mask(masks / "00003.png", m3)
+    out = tmp_path / "out"
+    code = main(["--checkpoint", str(tiny_checkpoint), "--video", str(video), "--mask", str(masks), "--out", str(out),
+                 "--device", "cpu", "--size", "-1", "--no-video"])
+    assert code == 0, capfd.readouterr().err
+    labels = [read_mask(out / f"{t:05d}.png") for t in range(5)]
+    assert not labels[0].any()  # before the first annotated frame: empty
+    assert np.array_equal(labels[1], m1)
+    assert set(np.unique(labels[2])) <= {0, 4}  # object 9 does not exist before frame 3
+    # From frame 3 on object 9 is tracked; the mask of frame 3 speaks for 9 only, so 4 keeps its prediction.
+    assert np.array_equal(labels[3] == 9, m3 == 9)
+    assert set(np.unique(labels[4])) <= {0, 4, 9}
+
+
+def test_cli_mask_folder_errors(tmp_path, synthetic_clip, tiny_checkpoint, capfd):
+    video, mask = synthetic_clip
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = ["--checkpoint", str(tiny_checkpoint), "--video", str(video), "--out", str(tmp_path / "o"), "--no-video"]
+    _assert_one_line_error(main([*args, "--mask", str(empty)]), capfd.readouterr().err, "holds no PNG files")
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    write_mask(stray / "first.png", read_mask(mask))
+    _assert_one_line_error(main([*args, "--mask", str(stray)]), capfd.readouterr().err, "first.png in")
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    write_mask(blank / "00000.png", read_mask(mask))
+    Image.fromarray(np.zeros((64, 96), np.uint8)).save(blank / "00002.png")
+    code = main([*args, "--mask", str(blank)])
+    _assert_one_line_error(code, capfd.readouterr().err, "00002.png in blank has no object pixels")
+    small = tmp_path / "small"
+    small.mkdir()
+    write_mask(small / "00000.png", np.ones((10, 12), np.uint8))
+    _assert_one_line_error(main([*args, "--mask", str(small)]), capfd.readouterr().err, "00000.png: the mask is 10x12")
