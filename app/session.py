@@ -292,7 +292,9 @@ def propagate_runs(session: Session, models: dict[str, object], config: AppConfi
             # Every frame stays explainable by a click (keys + memory snapshots; about 0.4 MB per 480p frame).
             size = model.preferred_size if config.size == "auto" else config.size
             tracker = Tracker(model, device=config.device, size=size, match_cache_frames=None)
-            session.runs[slot].passes.append(Pass(tracker, plan))
+            run = session.runs[slot]
+            run.passes.append(Pass(tracker, plan))
+            run.passes = _without_superseded(run.passes, session.given)
             steps[slot] = _walk(tracker, session, plan)
         active = dict(steps)
         while active:
@@ -308,6 +310,18 @@ def propagate_runs(session: Session, models: dict[str, object], config: AppConfi
                 session.runs[slot].labels[t] = lab
                 done += 1
                 yield Progress(slot, t, done, total)
+
+
+def _without_superseded(passes: list[Pass], given: dict[int, np.ndarray]) -> list[Pass]:
+    """Drop passes none of whose predicted frames is still theirs (a later pass predicts them all): their
+    trackers keep keys and memory snapshots for every frame, which repeated corrections would pile up."""
+    kept, covered = [], set()
+    for p in reversed(passes):
+        predicted = {t for t in p.frames if t not in given}
+        if predicted - covered:
+            kept.append(p)
+        covered |= predicted
+    return kept[::-1]
 
 
 def _walk(tracker, session: Session, plan: list[int]) -> Iterator[tuple[int, np.ndarray]]:

@@ -109,6 +109,17 @@ def test_correction_recomputes_the_frames_after_it_with_both_masks_in_memory(ass
     gal_a, _, _, _ = h.affinity_at(2, 80, 50)
     assert all("memory frame 3" not in caption for _, caption in gal_a)
 
+    # A second correction nearer the annotated frame re-runs through the first one, which keeps its mask;
+    # every earlier pass is then wholly superseded and dropped (their caches would pile up).
+    h.edit_frame(1, "B")
+    one = read_mask(assets["gt"] / "00001.png")
+    outs = list(h.correct({"background": None, "layers": mask_layers(one), "composite": None}))
+    assert "corrected frame(s) 1, 3" in outs[-1][3] and "Done: 3 of 6 frames" in outs[-1][3]
+    assert [p.frames for p in session.runs["A"].passes] == [[0, 1, 2, 3, 4, 5]]
+    gal_a, _, _, _ = h.affinity_at(2, 80, 50)  # now read from the annotation and the correction at frame 1
+    assert {caption.split(" · ")[1] for _, caption in gal_a} == {"memory frame 0", "memory frame 1"}
+    assert np.array_equal(session.runs["A"].labels[3], fixed) and np.array_equal(session.runs["B"].labels[1], one)
+
     # A new annotation starts over: the corrections are gone.
     h.set_anno_frame(0)
     outs = list(h.propagate(None, str(assets["mask"]), 0, *PAIR))
