@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import io
 import logging
 import time
 import zipfile
@@ -314,12 +315,14 @@ class AppHandlers:
         if labels is None:
             raise InputError(f"the correction of frame {t} marks no object; draw the objects' masks, or keep the results as they are.")
         labels = check_mask(labels, session.frames[t].shape)
-        extra = sorted(int(k) for k in np.unique(labels) if k > session.num_objects)
-        if extra:
-            raise InputError(
-                f"the correction of frame {t} marks object {extra[0]}, which the annotated frame does not have; "
-                f"correct only objects 1 to {session.num_objects}, or add objects on the annotated frame and propagate again."
-            )
+        # Objects drawn on layers beyond the tracked ones are new from this frame on (as YouTube-VOS adds
+        # objects), numbered after the tracked ones whichever layer they are on.
+        new = [int(k) for k in np.unique(labels) if k > session.num_objects]
+        if new:
+            lut = np.arange(256, dtype=np.uint8)
+            lut[new] = np.arange(session.num_objects + 1, session.num_objects + 1 + len(new))
+            labels = lut[labels]
+            session.num_objects += len(new)
         models = {slot: self.models.get(session.runs[slot].checkpoint, self.config.device) for slot in SLOTS}
         session.given[t] = labels
         session.correcting = None
@@ -442,7 +445,8 @@ class AppHandlers:
     # ------------------------------------------------------------------------------------------- export
     @user_errors
     def export(self, request: gr.Request | None = None) -> str:
-        """Zip of palette PNGs per model (one per input frame) plus both overlay videos."""
+        """Zip of palette PNGs per model (one per input frame), a black-and-white PNG per object and frame
+        (mattes for video editors), and both overlay videos."""
         session = self._session(request)
         if not session.runs:
             raise InputError("there is nothing to export yet; press Propagate first.")
@@ -458,10 +462,20 @@ class AppHandlers:
                     png = session.workdir / "png.tmp"
                     write_mask(png, lab)
                     zf.write(png, f"{folder}/{name}.png")
+                    for k in range(1, session.num_objects + 1):
+                        zf.writestr(f"{folder}_mattes/obj{k}/{name}.png", _png_bytes(np.where(lab == k, 255, 0).astype(np.uint8)))
                 if run.video is not None and run.video.is_file():
                     zf.write(run.video, f"overlay_{slot}_{run.checkpoint.stem}.mp4")
         tmp.replace(out)
         return str(out)
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
 
 
 def _stack_rows(images: list[np.ndarray]) -> np.ndarray:

@@ -15,7 +15,7 @@ INTRO = """# corrvos: compare two VOS checkpoints and inspect their memory match
 2. Mark each object on its own layer (obj1, obj2, … in the editor's layer list) on the annotated frame, or upload a mask PNG.
 3. Propagate with checkpoints **A** (baseline) and **B** (correspondence-trained): forward and backward from the annotated frame.
 4. Scrub the frames, then **click a pixel** of A, B or the disagreement view to see where each model's memory read sent it.
-5. A frame went wrong? **Correct this frame** loads it into the editor with a model's masks; fix them and re-propagate from there.
+5. A frame went wrong? **Correct this frame** loads it into the editor with a model's masks; fix them (or add an object on a free layer) and re-propagate from there.
 """
 
 
@@ -50,8 +50,10 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
                 anno_t = gr.Slider(0, 1, value=0, step=1, label="Annotated frame (propagation runs forward and backward from it)",
                                    interactive=False, elem_id="anno-t")
                 with gr.Row():
-                    ckpt_a = gr.Dropdown(names, value=default_a, label="Checkpoint A (baseline)", elem_id="ckpt-a", scale=4)
-                    ckpt_b = gr.Dropdown(names, value=default_b, label="Checkpoint B (correspondence)", elem_id="ckpt-b", scale=4)
+                    ckpt_a = gr.Dropdown(names, value=default_a, label="Checkpoint A (baseline)", elem_id="ckpt-a", scale=4,
+                                         info="any .safetensors or upstream .pth in the checkpoints folder")
+                    ckpt_b = gr.Dropdown(names, value=default_b, label="Checkpoint B (correspondence)", elem_id="ckpt-b", scale=4,
+                                         info="compared with A on the same frames and annotation")
                     refresh = gr.Button("↻", scale=1, min_width=40)
                 ckpt_msg = gr.Markdown(h.checkpoint_message(default_a, default_b), elem_id="ckpt-msg")
                 with gr.Accordion("Mask PNG and ground truth (optional)", open=False):
@@ -80,7 +82,8 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
                 view_diff = gr.Image(label="Where A and B differ", interactive=False, elem_id="view-diff", format="jpeg")
                 gr.HTML(legend)
         with gr.Row():
-            fix_from = gr.Radio(["A", "B"], value="B", label="Correct starting from the masks of", elem_id="fix-from")
+            fix_from = gr.Radio(["A", "B"], value="B", label="Correct starting from the masks of", elem_id="fix-from",
+                                info="both models then get the same corrected mask; a new layer adds an object")
             fix = gr.Button("Correct this frame (loads it into the editor above)", elem_id="fix")
             refix = gr.Button("Re-propagate from the correction", variant="primary", elem_id="repropagate")
         with gr.Row():
@@ -103,7 +106,7 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
 
         gr.Markdown("## Export")
         with gr.Row():
-            export = gr.Button("Export masks (palette PNGs per model) and overlay videos", elem_id="export")
+            export = gr.Button("Export masks (palette PNGs and per-object mattes per model) and overlay videos", elem_id="export")
             export_file = gr.File(label="Download", interactive=False, elem_id="export-file")
 
         # ----------------------------------------------------------------------------------- events

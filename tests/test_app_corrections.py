@@ -150,6 +150,26 @@ def test_backward_correction_and_the_last_frame(assets):
     assert h.export().endswith(".zip")
 
 
+def test_correction_can_add_an_object_from_that_frame_on(assets):
+    h = _propagated(assets)
+    session = h.store.get("local")
+    h.edit_frame(2, "A")
+    fixed = read_mask(assets["gt"] / "00002.png")
+    fixed[5:25, 5:30] = 4  # drawn on the obj4 layer while one object is tracked: it becomes object 2
+    outs = list(h.correct({"background": None, "layers": mask_layers(fixed), "composite": None}))
+    assert "2 object(s)" in outs[-1][3] and session.num_objects == 2
+    expected = np.where(fixed == 4, 2, fixed)
+    for slot in ("A", "B"):
+        labels = session.runs[slot].labels
+        assert np.array_equal(labels[2], expected)
+        assert all(2 not in np.unique(labels[t]) for t in (0, 1))  # it did not exist before its frame
+        assert all(set(np.unique(labels[t])) <= {0, 1, 2} for t in (3, 4, 5))
+    # The new object is drawn and summed like any other: chart traces, and the export has every frame.
+    names = [trace.name for trace in outs[-1][7].data]
+    assert "A obj2" in names and "B obj2" in names
+    assert h.export().endswith(".zip")
+
+
 def test_correction_errors_are_one_sentence(assets):
     h = _handlers(assets, max_frames=3)
     h.load_video(str(assets["video"]))
@@ -161,10 +181,6 @@ def test_correction_errors_are_one_sentence(assets):
     h.edit_frame(1, "B")
     with pytest.raises(gr.Error, match="(?i)marks no object"):
         list(h.correct({"background": None, "layers": [], "composite": None}))
-    two = read_mask(assets["mask"]).copy()
-    two[:5, :5] = 2
-    with pytest.raises(gr.Error, match="(?i)marks object 2, which the annotated frame does not have"):
-        list(h.correct({"background": None, "layers": mask_layers(two), "composite": None}))
     # While a correction is open, Propagate would take the corrected frame for the annotation: refused.
     with pytest.raises(gr.Error, match="(?i)holds frame 1 for a correction"):
         list(h.propagate(None, str(assets["mask"]), 0, *PAIR))

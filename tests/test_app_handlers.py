@@ -144,6 +144,13 @@ def test_export_zip_has_one_png_per_frame_and_videos(propagated):
             pngs = sorted(n for n in names if n.startswith(slot + "/") and n.endswith(".png"))
             assert pngs == [f"{slot}/{t:05d}.png" for t in range(N_FRAMES)]
         assert sum(n.endswith(".mp4") for n in names) == 2
+        # One black-and-white matte per object and frame, equal to that object's pixels in the palette PNG.
+        mattes = sorted(n for n in names if n.startswith("B_stcn-s_corr_mattes/"))
+        assert mattes == [f"B_stcn-s_corr_mattes/obj1/{t:05d}.png" for t in range(N_FRAMES)]
+        with zf.open(mattes[2]) as f, zf.open(f"B_stcn-s_corr/{2:05d}.png") as g:
+            matte, palette = np.asarray(Image.open(f)), np.asarray(Image.open(g))
+            assert matte.dtype == np.uint8 and set(np.unique(matte)) <= {0, 255}
+            assert np.array_equal(matte == 255, palette == 1)
         with zf.open(f"A_stcn-s_baseline/{N_FRAMES - 1:05d}.png") as f:
             img = Image.open(f)
             assert img.mode == "P" and img.size == SIZE
