@@ -41,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first-frame mask at the frames' size: palette PNG (DAVIS), 0/255 grayscale, or RGB "
                         "with one colour per object; or a folder of such PNGs named after the frames they annotate "
                         "(YouTube-VOS style: each adds new objects, or overwrites the ones it marks, from its frame on; "
-                        "tracking starts at the first one and earlier frames are written empty)")
+                        "tracking starts at the first one; see --backward for the frames before it)")
+    p.add_argument("--backward", action="store_true",
+                   help="also segment the frames before the first annotated frame, propagating backward from it "
+                        "(otherwise they are written empty)")
     p.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="where the model runs (default: cuda when available, else cpu)")
@@ -179,12 +182,19 @@ def run(args: argparse.Namespace) -> Path:
     frames = _RecentFrames(clip.frames)
     written = 0
     video_out = contextlib.nullcontext() if args.no_video else VideoWriter(args.out / OVERLAY_NAME, fps=clip.fps)
+    # Before the first annotated frame no object is known yet (YouTube-VOS protocol): empty masks, unless
+    # --backward tracks them from that frame's mask in reverse (run first: the overlay is written in order).
+    before = {t: np.zeros(clip.size, np.uint8) for t in range(start)}
+    if args.backward and start > 0:
+        reverse = tracker.propagate((frames[t] for t in range(start, -1, -1)), compact[0])
+        for local, labels in tqdm(reverse, total=start + 1, desc="segmenting backward", unit="frame"):
+            if local > 0:
+                before[start - local] = back[np.asarray(labels, dtype=np.uint8)]
     with video_out as writer:
-        # Before the first annotated frame no object is known yet (YouTube-VOS protocol): empty masks.
         for t in range(start):
-            write_mask(args.out / f"{clip.names[t]}.png", np.zeros(clip.size, np.uint8))
+            write_mask(args.out / f"{clip.names[t]}.png", before[t])
             if writer is not None:
-                writer.write(frames[t])
+                writer.write(overlay(frames[t], before[t]))
             written += 1
         tracked = tracker.propagate((frames[t] for t in range(start, len(frames))), compact[0], later)
         for local, labels in tqdm(tracked, total=len(frames) - start, desc="segmenting", unit="frame"):

@@ -61,7 +61,8 @@ def synthetic_clip(tmp_path_factory):
 def test_help_documents_every_option():
     proc = _cli("--help", timeout=30)
     assert proc.returncode == 0
-    for opt in ("--checkpoint", "--video", "--frames", "--mask", "--out", "--device", "--size", "--mem-every", "--top-k", "--fps", "--no-video"):
+    for opt in ("--checkpoint", "--video", "--frames", "--mask", "--backward", "--out", "--device", "--size", "--mem-every",
+                "--top-k", "--fps", "--no-video"):
         assert opt in proc.stdout
 
 
@@ -196,3 +197,24 @@ def test_cli_mask_folder_errors(tmp_path, synthetic_clip, tiny_checkpoint, capfd
     small.mkdir()
     write_mask(small / "00000.png", np.ones((10, 12), np.uint8))
     _assert_one_line_error(main([*args, "--mask", str(small)]), capfd.readouterr().err, "00000.png: the mask is 10x12")
+
+
+def test_cli_backward_tracks_the_frames_before_the_first_annotation(tmp_path, synthetic_clip, tiny_checkpoint, capfd):
+    video, mask = synthetic_clip
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    m2 = read_mask(mask)
+    write_mask(masks / "00002.png", m2)
+    out = tmp_path / "out"
+    code = main(["--checkpoint", str(tiny_checkpoint), "--video", str(video), "--mask", str(masks), "--out", str(out),
+                 "--device", "cpu", "--size", "-1", "--backward"])
+    assert code == 0, capfd.readouterr().err
+    labels = [read_mask(out / f"{t:05d}.png") for t in range(5)]
+    assert np.array_equal(labels[2], m2)
+    # Frames 1 and 0 are what a tracker gives on the reversed clip 2, 1, 0 from that mask.
+    tracker = corrvos.Tracker(corrvos.load_model(tiny_checkpoint, device="cpu"), device="cpu", size=None,
+                              match_cache_frames=0)
+    frames = VideoFrames(video)
+    expected = dict(tracker.propagate([frames[2], frames[1], frames[0]], m2))
+    assert np.array_equal(labels[1], expected[1]) and np.array_equal(labels[0], expected[2])
+    assert len(VideoFrames(out / "overlay.mp4")) == 5
