@@ -73,6 +73,8 @@ def test_late_object_is_tracked(arch):
     assert scores.min() > 0.3, scores.min(0)
     if arch == "xmem":
         assert tracker.memory_stats().consolidations >= 2  # the late object survives consolidation
+        # Frames with a given mask stay in working memory for good (Cutie's permanent memory).
+        assert tracker.memory.working_frame_indices[:2] == [0, 8]
 
 
 @pytest.mark.parametrize("arch", ["stcn", "xmem"])

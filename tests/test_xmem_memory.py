@@ -40,13 +40,13 @@ class Recorder:
         self.keys, self.shrink, self.sel, self.values, self.frames = [], [], [], [], []
         self.use, self.life = [], []
 
-    def add(self, frame):
+    def add(self, frame, permanent=False):
         k = self.mem.num_objects
         key = torch.randn(1, CK, H, W, dtype=torch.float64)
         shrink = 1 + torch.rand(1, 1, H, W, dtype=torch.float64)
         sel = torch.sigmoid(torch.randn(1, CK, H, W, dtype=torch.float64))
         value = torch.randn(1, k, CV, H, W, dtype=torch.float64)
-        self.mem.add(frame, key, shrink, value, sel)
+        self.mem.add(frame, key, shrink, value, sel, permanent=permanent)
         self.keys.append(key.flatten(2)[0])
         self.shrink.append(shrink.flatten())
         self.sel.append(sel.flatten(2)[0])
@@ -132,6 +132,43 @@ def test_consolidation_gives_expected_prototypes():
     obj2 = torch.cat([exp_values[1], values[1][:, wm]], 1)
     expected2, _ = naive_read(all_keys[:, visible], all_shrink[visible], obj2[:, visible], q.flatten(2)[0], e.flatten(2)[0], 3)
     torch.testing.assert_close(readout[0, 1].flatten(1), expected2)
+
+
+def test_permanent_frames_are_never_consolidated():
+    torch.manual_seed(4)
+    mem = XMemMemory(top_k=3, min_working_frames=2, max_working_frames=4, num_prototypes=3, max_long_term_elements=100)
+    rec = Recorder(mem)
+    mem.add_objects(0, 1, torch.zeros(1, CK, H, W, dtype=torch.float64))
+    rec.add(0)
+    rec.read()
+    rec.add(5, permanent=True)  # e.g. a corrected frame
+    rec.read()
+    rec.add(10)
+    rec.read()
+    rec.read()
+    rec.add(15)  # WM full: of the candidates 5 and 10 only 10 may leave
+    assert mem.consolidations == 1 and mem.working_frame_indices == [0, 5, 15]
+    cand = list(range(2 * HW, 3 * HW))
+    usage = torch.tensor([rec.use[i] / rec.life[i] for i in cand])
+    chosen = [cand[i] for i in torch.topk(usage, 3).indices.tolist()]
+    assert mem.long_term.frames.tolist() == [10, 10, 10]
+    torch.testing.assert_close(mem.long_term.key[0], torch.cat(rec.keys, 1)[:, chosen])
+    # The rows that stayed keep their values and usage: the next read equals the explicit one over [LT, WM].
+    values = torch.cat([v[0] for v in rec.values], 1)
+    wm = list(range(0, 2 * HW)) + list(range(3 * HW, 4 * HW))
+    q = torch.randn(1, CK, H, W, dtype=torch.float64)
+    e = torch.sigmoid(torch.randn(1, CK, H, W, dtype=torch.float64))
+    readout = mem.read(q, e)
+    lt = mem.long_term
+    keys, shrink = torch.cat(rec.keys, 1), torch.cat(rec.shrink)
+    expected, _ = naive_read(torch.cat([lt.key[0], keys[:, wm]], 1), torch.cat([lt.shrinkage.flatten(), shrink[wm]]),
+                             torch.cat([lt.value[0], values[:, wm]], 1), q.flatten(2)[0], e.flatten(2)[0], 3)
+    torch.testing.assert_close(readout[0, 0].flatten(1), expected)
+    rec.add(20)  # full again: only 15 is a candidate now; 5 stays for good
+    assert mem.consolidations == 2 and mem.working_frame_indices == [0, 5, 20]
+    rec.add(25)
+    assert mem.consolidations == 3 and mem.working_frame_indices == [0, 5, 25]
+    assert sorted(set(mem.long_term.frames.tolist())) == [10, 15, 20]
 
 
 def test_long_term_cap_removes_least_used_including_ties():

@@ -392,7 +392,7 @@ class Tracker:
             value = value.float()
             with self._fp32():  # XMem's consolidation computes similarities too
                 if is_xmem:
-                    mem.add(t, feats.key, feats.shrinkage, value, feats.selection)
+                    mem.add(t, feats.key, feats.shrinkage, value, feats.selection, permanent=labels is not None)
                 else:
                     mem.add(t, feats.key, value, protected=labels is not None)
             if is_xmem and is_deep_update and new_hidden is not None:

@@ -8,7 +8,9 @@ the first frame, every read equals upstream's:
   and a top-k softmax; usage (the top-k affinity summed over query positions) is added to ``use_count``
   and every element's ``life_count`` grows by one per read.
 * When WM reaches ``max_working_frames`` frames it is consolidated: the candidates are the frames
-  between the first memory frame and the newest ``min_working_frames - 1``; the ``num_prototypes``
+  between the first memory frame and the newest ``min_working_frames - 1``, except frames added as
+  ``permanent`` (the Tracker's frames with a given mask: a correction or a late object's first mask
+  stays in WM for good, as Cutie's permanent memory; upstream keeps only the first frame); the ``num_prototypes``
   candidates of highest usage (use_count / life_count) become prototypes; their values and shrinkage
   are the candidates' values/shrinkage weighted by a full softmax of candidate-to-prototype similarity
   (potentiation, with the prototypes' selection); the candidates leave WM, the prototypes join the
@@ -46,6 +48,7 @@ from corrvos.models.similarity import TopKAffinity, Workspace, read_memory, simi
 class _WorkingFrame:
     segment: MemorySegment
     selection: Tensor | None  # (1, Ck, hw)
+    permanent: bool = False  # never consolidated (a frame whose mask was given)
 
 
 class _LongTermMemory:
@@ -167,10 +170,13 @@ class XMemMemory:
         return len(self.births)
 
     # writing ---------------------------------------------------------------------------------------
-    def add(self, frame: int, key: Tensor, shrinkage: Tensor, value: Tensor, selection: Tensor | None) -> None:
+    def add(
+        self, frame: int, key: Tensor, shrinkage: Tensor, value: Tensor, selection: Tensor | None, permanent: bool = False
+    ) -> None:
         """Add a memory frame to WM (consolidating when WM is full).
 
         Args:
+            permanent: keep this frame in WM for good (never a consolidation candidate).
             key: ``(1, Ck, h, w)``; shrinkage ``(1, 1, h, w)``; selection ``(1, Ck, h, w)`` (kept only
                 with long-term memory, where consolidation needs it).
             value: ``(1, K, Cv, h, w)`` for all registered objects.
@@ -179,7 +185,7 @@ class XMemMemory:
         frames, positions = frame_segment_index(frame, hw)
         segment = MemorySegment(key.flatten(2), shrinkage.flatten(2), frames, positions)
         kept_selection = selection.flatten(2) if (self.enable_long_term and selection is not None) else None
-        self._working.append(_WorkingFrame(segment, kept_selection))
+        self._working.append(_WorkingFrame(segment, kept_selection, permanent))
         self._buffer.append(segment.key, segment.shrinkage, value[0].flatten(2), frames)
         self._buffer.ensure_objects(self.num_objects)
         if self.enable_long_term:
@@ -195,10 +201,9 @@ class XMemMemory:
                 working_values = self._buffer.values()[lt_before:].clone()  # (N_wm, K, Cv); the buffer is rebuilt
                 if self.long_term.size >= self.max_long_term_elements - self.num_prototypes:
                     self.long_term.remove_least_used(self.max_long_term_elements - self.num_prototypes)
-                removed = self._consolidate(hw, working_values)
-                if removed is not None:
-                    lo, hi = removed
-                    working_values = torch.cat([working_values[:lo], working_values[hi:]])
+                keep = self._consolidate(hw, working_values)
+                if keep is not None:
+                    working_values = working_values[keep]
                 self._rebuild_buffer(working_values)
 
     def _rebuild_buffer(self, working_values: Tensor) -> None:
@@ -215,22 +220,26 @@ class XMemMemory:
             torch.cat([s.frames for s in segs]),
         )
 
-    def _consolidate(self, hw: int, working_values: Tensor) -> tuple[int, int] | None:
-        """Turn the candidate WM frames into prototypes; returns the rows ``(lo, hi)`` of
-        ``working_values`` (``(N_wm, K, Cv)``, the WM values before) that left WM, if any."""
-        # Candidates: every WM frame but the first memory frame and the newest min_working_frames - 1.
-        first, end = 1, len(self._working) - (self.min_working_frames - 1)
-        candidates = self._working[first:end]
-        if not candidates:
+    def _consolidate(self, hw: int, working_values: Tensor) -> Tensor | None:
+        """Turn the candidate WM frames into prototypes; returns which rows of ``working_values``
+        (``(N_wm, K, Cv)``, the WM values before) stay in WM, or None when nothing left it."""
+        # Candidates: every WM frame but the first memory frame, the permanent ones and the newest
+        # min_working_frames - 1.
+        end = len(self._working) - (self.min_working_frames - 1)
+        picked = [i for i in range(1, end) if not self._working[i].permanent]
+        if not picked:
             return None
+        candidates = [self._working[i] for i in picked]
         cand_key = torch.cat([c.segment.key for c in candidates], dim=2)
         cand_shrinkage = torch.cat([c.segment.shrinkage for c in candidates], dim=2)
         cand_selection = torch.cat([c.selection for c in candidates], dim=2)
         cand_frames = torch.cat([c.segment.frames for c in candidates])
         cand_positions = torch.cat([c.segment.positions for c in candidates])
-        lo, hi = first * hw, end * hw
-        cand_value = working_values[lo:hi].permute(1, 2, 0)  # (K, Cv, Nc)
-        usage = self._use_count[lo:hi] / self._life_count[lo:hi]
+        leaving = torch.zeros(len(self._working), hw, dtype=torch.bool, device=self._use_count.device)
+        leaving[picked] = True
+        leaving = leaving.flatten()
+        cand_value = working_values[leaving].permute(1, 2, 0)  # (K, Cv, Nc)
+        usage = self._use_count[leaving] / self._life_count[leaving]
 
         proto_key, proto_shrinkage, proto_value, chosen = potentiate(
             cand_key, cand_shrinkage, cand_selection, cand_value, cand_frames, usage, self.births,
@@ -240,11 +249,13 @@ class XMemMemory:
         self.long_term.add(
             proto_key, proto_shrinkage, proto_value, cand_frames[chosen_cpu], cand_positions[chosen_cpu]
         )
-        self._working = self._working[:first] + self._working[end:]
-        self._use_count = torch.cat([self._use_count[:lo], self._use_count[hi:]])
-        self._life_count = torch.cat([self._life_count[:lo], self._life_count[hi:]])
+        stay = ~leaving
+        gone = set(picked)
+        self._working = [w for i, w in enumerate(self._working) if i not in gone]
+        self._use_count = self._use_count[stay]
+        self._life_count = self._life_count[stay]
         self.consolidations += 1
-        return lo, hi
+        return stay
 
     # reading ---------------------------------------------------------------------------------------
     def _segments(self) -> list[MemorySegment]:
