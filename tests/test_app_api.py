@@ -58,7 +58,9 @@ def test_api_upload_propagate_click_export(server):
     exported = client.predict(api_name="/export")
     with zipfile.ZipFile(exported) as zf:
         pngs = [n for n in zf.namelist() if n.endswith(".png")]
-        assert len(pngs) == 2 * N_FRAMES
+        mattes = [n for n in pngs if "_mattes/" in n]
+        assert len(pngs) - len(mattes) == 2 * N_FRAMES  # a palette PNG per frame and model
+        assert len(mattes) == 2 * N_FRAMES  # and a matte per frame, model and (here one) object
 
 
 def test_api_errors_are_messages_and_server_survives(server):
