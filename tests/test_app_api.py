@@ -29,7 +29,7 @@ def test_api_upload_propagate_click_export(server):
     client = Client(server["url"], verbose=False)
     api = client.view_api(print_info=False, return_format="dict")
     named = set(api["named_endpoints"])
-    assert {"/load_video", "/propagate", "/affinity_at", "/export", "/show_frame"} <= named
+    assert {"/load_video", "/propagate", "/affinity_at", "/export", "/show_frame", "/edit_frame", "/correct"} <= named
 
     _, slider, info = client.predict(handle_file(str(server["video"])), api_name="/load_video")
     assert f"{N_FRAMES} frames" in info
@@ -61,6 +61,22 @@ def test_api_upload_propagate_click_export(server):
         mattes = [n for n in pngs if "_mattes/" in n]
         assert len(pngs) - len(mattes) == 2 * N_FRAMES  # a palette PNG per frame and model
         assert len(mattes) == 2 * N_FRAMES  # and a matte per frame, model and (here one) object
+
+    # A correction through the API: frame 3 into the editor, then its ground truth as the corrected layer.
+    editor, status = client.predict(3, "B", api_name="/edit_frame")
+    assert "Frame 3 is in the editor" in status
+    from PIL import Image
+
+    from app.inputs import label_layer
+    from corrvos.io.masks import read_mask
+
+    layer = server["video"].parent / "layer3.png"
+    Image.fromarray(label_layer(read_mask(server["gt"] / "00003.png"), 1)).save(layer)
+    assert len(editor["layers"]) == 5  # B's masks on the object layers (all five sent, as the browser does)
+    fixed = {"background": handle_file(editor["background"]), "layers": [handle_file(str(layer))], "composite": None}
+    result = client.submit(fixed, api_name="/correct").result(timeout=300)
+    assert f"Done: 1 of {N_FRAMES} frames propagated from frame 3" in result[3], result[3]
+    assert "corrected frame(s) 3" in result[3]
 
 
 def test_api_errors_are_messages_and_server_survives(server):
