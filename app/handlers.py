@@ -325,7 +325,7 @@ class AppHandlers:
             session.num_objects += len(new)
         models = {slot: self.models.get(session.runs[slot].checkpoint, self.config.device) for slot in SLOTS}
         session.given[t] = labels
-        session.correcting = None
+        # The editor still holds frame t: it stays the frame being corrected, so it can be refined and re-run.
         yield from self._run_from(session, models, t, progress)
 
     @staticmethod

@@ -100,6 +100,15 @@ def test_correction_recomputes_the_frames_after_it_with_both_masks_in_memory(ass
         expected5 = tracker.labels_from(tracker.step(session.frames[5], last=True))
         assert np.array_equal(run.labels[4], expected4) and np.array_equal(run.labels[5], expected5)
 
+    # The editor still holds frame 3: Propagate would take it for the annotation, so it is refused; the
+    # correction can be refined and run again instead (same frames, same result for the same mask).
+    with pytest.raises(gr.Error, match="(?i)holds frame 3 for a correction"):
+        list(h.propagate(None, None, 0, *PAIR))
+    again = list(h.correct(editor))
+    assert "Done: 2 of 6 frames propagated from frame 3" in again[-1][3]
+    assert np.array_equal(session.runs["B"].labels[4], expected4)
+    assert [p.frames for p in session.runs["A"].passes] == [[0, 1, 2, 3, 4, 5], [0, 3, 4, 5]]
+
     # Frame 4 now reads its memory from the annotated frame 0 and the correction at frame 3.
     gal_a, _, _, text = h.affinity_at(4, 80, 50)
     assert {caption.split(" · ")[1] for _, caption in gal_a} == {"memory frame 0", "memory frame 3"}
