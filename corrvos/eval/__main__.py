@@ -87,8 +87,10 @@ def run(args: argparse.Namespace) -> int:
 
         g = result.global_scores()
         benchmark = f"DAVIS-{split.year} {args.split}"
-        record_scores(args.checkpoint, benchmark, {"J&F": round(g["J&F-Mean"], 4), "J": round(g["J-Mean"], 4),
-                                                   "F": round(g["F-Mean"], 4), "size": size or "input"})
+        # Six digits: a value rounded to four and then shown with three can differ from the table above
+        # (0.50955 -> 0.5095 -> "0.509" where the table says 0.510).
+        record_scores(args.checkpoint, benchmark, {"J&F": round(g["J&F-Mean"], 6), "J": round(g["J-Mean"], 6),
+                                                   "F": round(g["F-Mean"], 6), "size": size or "input"})
         print(f"\nRecorded the {benchmark} scores in {args.checkpoint}")
     print(f"\nEvaluation took {result.seconds:.2f} s; total time {time.perf_counter() - start:.2f} s")
     return 0
