@@ -184,7 +184,8 @@ def run(args: argparse.Namespace) -> Path:
     video_out = contextlib.nullcontext() if args.no_video else VideoWriter(args.out / OVERLAY_NAME, fps=clip.fps)
     # Before the first annotated frame no object is known yet (YouTube-VOS protocol): empty masks, unless
     # --backward tracks them from that frame's mask in reverse (run first: the overlay is written in order).
-    before = {t: np.zeros(clip.size, np.uint8) for t in range(start)}
+    empty = np.zeros(clip.size, np.uint8)
+    before: dict[int, np.ndarray] = {}
     if args.backward and start > 0:
         reverse = tracker.propagate((frames[t] for t in range(start, -1, -1)), compact[0])
         for local, labels in tqdm(reverse, total=start + 1, desc="segmenting backward", unit="frame"):
@@ -192,9 +193,10 @@ def run(args: argparse.Namespace) -> Path:
                 before[start - local] = back[np.asarray(labels, dtype=np.uint8)]
     with video_out as writer:
         for t in range(start):
-            write_mask(args.out / f"{clip.names[t]}.png", before[t])
+            labels = before.get(t, empty)
+            write_mask(args.out / f"{clip.names[t]}.png", labels)
             if writer is not None:
-                writer.write(overlay(frames[t], before[t]))
+                writer.write(overlay(frames[t], labels))
             written += 1
         tracked = tracker.propagate((frames[t] for t in range(start, len(frames))), compact[0], later)
         for local, labels in tqdm(tracked, total=len(frames) - start, desc="segmenting", unit="frame"):
