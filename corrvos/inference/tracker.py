@@ -308,6 +308,7 @@ class Tracker:
         objects: Sequence[int] | None = None,
         *,
         last: bool = False,
+        complete: bool = False,
     ) -> Tensor:
         """Process the next frame.
 
@@ -318,6 +319,8 @@ class Tracker:
             objects: the ids this mask speaks for (default: the ids present in it). Tracked objects
                 outside this list keep their prediction, except where the mask claims the pixel.
             last: this is the video's last frame (it is then not added to memory).
+            complete: with ``objects`` left out, the mask speaks for every tracked object as well as
+                the ids in it (one it leaves out is absent in this frame), as a user's correction does.
 
         Returns:
             ``(K + 1, H, W)`` probabilities at the input size, background first, then the objects in
@@ -332,7 +335,10 @@ class Tracker:
         given: list[int] = []
         if labels is not None:
             present = [int(v) for v in torch.unique(labels).tolist() if v != 0]
-            given = sorted(set(present) if objects is None else {int(o) for o in objects})
+            if objects is None:
+                given = sorted(set(present) | (set(self.object_ids) if complete else set()))
+            else:
+                given = sorted({int(o) for o in objects})
             if self.num_objects == 0 and not present:
                 raise InputError("The first-frame mask is empty; mark at least one object with a label above 0.")
             if any(not 1 <= o <= 255 for o in given):
@@ -468,11 +474,7 @@ class Tracker:
             except StopIteration:
                 upcoming, last = None, True
             mask = first_mask if t == 0 else (masks or {}).get(t)
-            objects = None
-            if complete_masks and mask is not None and t > 0:
-                present = torch.unique(torch.as_tensor(mask)).tolist()
-                objects = sorted(set(self.object_ids) | {int(v) for v in present if v != 0})
-            prob = self.step(current, mask, objects, last=last)
+            prob = self.step(current, mask, last=last, complete=complete_masks)
             yield t, self.labels_from(prob)
             if last:
                 return
