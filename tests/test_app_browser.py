@@ -53,6 +53,24 @@ def _wait_text(page, selector: str, text: str, timeout_s: float) -> None:
     )
 
 
+def _draw_strokes(page, canvas, x0: float, x1: float, rows: tuple[float, ...]) -> None:
+    """Horizontal brush strokes from x0 to x1 (offsets from the canvas centre), one per row offset."""
+    page.wait_for_timeout(1000)
+    box = canvas.bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    # A first dot sets the brush's start point; without it the first stroke began at the canvas corner.
+    page.mouse.move(cx + x0, cy)
+    page.mouse.down()
+    page.mouse.up()
+    page.wait_for_timeout(300)
+    # Few pointer steps: every step re-renders the editor's WebGL canvas, which is slow in software.
+    for dy in rows:
+        page.mouse.move(cx + x0, cy + dy)
+        page.mouse.down()
+        page.mouse.move(cx + x1, cy + dy, steps=3)
+        page.mouse.up()
+
+
 def test_upload_draw_propagate_click_screenshot(browser, server, tmp_path):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     try:
@@ -66,20 +84,7 @@ def test_upload_draw_propagate_click_screenshot(browser, server, tmp_path):
         # Draw obj1 (the editor's first layer, active by default) with a few strokes over the swan.
         canvas = page.locator("#editor canvas").first
         canvas.wait_for(state="visible", timeout=30_000)
-        page.wait_for_timeout(1000)
-        box = canvas.bounding_box()
-        cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-        # A first dot sets the brush's start point; without it the first stroke began at the canvas corner.
-        page.mouse.move(cx - 60, cy)
-        page.mouse.down()
-        page.mouse.up()
-        page.wait_for_timeout(300)
-        # Few pointer steps: every step re-renders the editor's WebGL canvas, which is slow in software.
-        for dy in (0, 16):
-            page.mouse.move(cx - 60, cy + dy)
-            page.mouse.down()
-            page.mouse.move(cx + 10, cy + dy, steps=3)
-            page.mouse.up()
+        _draw_strokes(page, canvas, -60, 10, (0, 16))
 
         t_drawn = time.perf_counter()
         page.click("#propagate")
@@ -112,17 +117,7 @@ def test_upload_draw_propagate_click_screenshot(browser, server, tmp_path):
         page.click("#fix")
         _wait_text(page, "#status", "Frame 3 is in the editor", 60)
         canvas.scroll_into_view_if_needed()
-        page.wait_for_timeout(1000)
-        box = canvas.bounding_box()
-        cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-        page.mouse.move(cx - 40, cy)
-        page.mouse.down()
-        page.mouse.up()
-        page.wait_for_timeout(300)
-        page.mouse.move(cx - 40, cy + 8)
-        page.mouse.down()
-        page.mouse.move(cx + 20, cy + 8, steps=3)
-        page.mouse.up()
+        _draw_strokes(page, canvas, -40, 20, (8,))
         page.click("#repropagate")
         _wait_text(page, "#status", "corrected frame(s) 3", 240)
         fixed_status = page.inner_text("#status")
