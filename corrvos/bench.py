@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from corrvos.errors import CorrvosError, InputError
+from corrvos.precision import check_precision
+from corrvos.tracker_options import add_tracker_arguments, tracker_options
 
 if TYPE_CHECKING:  # type hints only: the tracker's modules are imported when a benchmark runs
     from corrvos.benchmarking.clip import BenchClip
@@ -35,7 +37,6 @@ if TYPE_CHECKING:  # type hints only: the tracker's modules are imported when a 
     from corrvos.inference.tracker import Tracker
 
 MODELS = ("stcn", "stcn-s", "xmem", "xmem-s")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Distinct frames kept on the device; longer runs cycle them (the synthetic motion is periodic in this).
 MAX_DISTINCT_FRAMES = 100
 COMPILED_METHODS = ("encode_key", "encode_value", "decode")
@@ -61,8 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objects", type=int, default=1, help="objects tracked (default 1)")
     p.add_argument("--resolution", type=int, default=480,
                    help="short side of the frames (synthetic: 16:9, 480 -> 480x864; --video is resized to it)")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
-                   help="fp32, or bf16/fp16: Tracker(precision=...), the network under autocast, the memory in fp32 (default fp32)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network's encode_key / encode_value / decode (warm up accordingly)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
@@ -80,11 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory-growth run: time one N-frame video (instead of --frames) and record memory at checkpoints")
     p.add_argument("--long-points", type=int, default=10,
                    help="checkpoints of --long, evenly spaced (default 10: every N/10 frames)")
-    p.add_argument("--mem-every", type=int, default=5, help="memory-frame spacing (default 5)")
-    p.add_argument("--top-k", type=int, default=None, help="memory read top-k (default: 20 STCN, 30 XMem)")
-    p.add_argument("--max-memory-frames", type=int, default=None,
-                   help="STCN only: cap the memory bank (drop the oldest non-mask frames) for long videos")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the synthetic clip")
+    add_tracker_arguments(p)
     return p
 
 
@@ -93,8 +89,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.model is None and args.checkpoint is None:
         raise InputError("Give --model (stcn, stcn-s, xmem, xmem-s) or --checkpoint to say which network to time.")
     positive = {"--frames": args.frames, "--objects": args.objects, "--threads": args.threads,
-                "--long": args.long, "--long-points": args.long_points, "--mem-every": args.mem_every,
-                "--top-k": args.top_k, "--max-memory-frames": args.max_memory_frames}
+                "--long": args.long, "--long-points": args.long_points}
     for flag, value in positive.items():
         if value is not None and value < 1:
             raise InputError(f"{flag} must be at least 1, not {value}.")
@@ -108,6 +103,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--long-points ({args.long_points}) cannot exceed --long ({args.long}).")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InputError("CUDA is not available on this machine; use --device cpu.")
+    tracker_options(args)  # value errors; the architecture is checked once the model is known
     if args.checkpoint is not None and not args.checkpoint.is_file():
         raise InputError(f"The checkpoint {args.checkpoint} does not exist; give the path of a weights file.")
     if args.video is not None and not args.video.exists():
@@ -131,26 +127,12 @@ def prepare_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Mo
         if device.type == "cpu":
             # What load_model gives on the CPU (channels-last convolutions are ~1.7x faster there).
             model = model.to(memory_format=torch.channels_last)
-    if args.max_memory_frames is not None and model.config.arch != "stcn":
-        raise InputError("--max-memory-frames caps STCN's memory bank; XMem bounds its memory itself, drop it.")
     if args.compile:
         if not hasattr(torch, "compile"):
             raise InputError("This torch has no torch.compile; run without --compile.")
         for name in COMPILED_METHODS:
             setattr(model, name, torch.compile(getattr(model, name)))
     return model
-
-
-def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    if device.type == "cuda" and dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        raise InputError("This GPU does not support bf16; use --precision fp16 or fp32.")
-    try:
-        return torch.autocast(device_type=device.type, dtype=dtype)
-    except RuntimeError as err:
-        raise InputError(f"--precision {precision} is not supported on {device.type} ({err}); use fp32.") from None
 
 
 def run_video(
@@ -270,17 +252,17 @@ def bench(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     sync = cuda_sync(device)
-    precision_context(args.precision, device)  # unsupported precisions fail before any work
+    check_precision(args.precision, device)  # unsupported precisions fail before any work
 
     model = prepare_model(args, device)
+    options = tracker_options(args, model.config.arch)
     timed_frames = args.long if args.long is not None else args.frames
     distinct = min(max(timed_frames, args.warmup), MAX_DISTINCT_FRAMES)
     if args.video is not None:
         clip = video_clip(args.video, args.resolution, args.objects, distinct, device, seed=args.seed)
     else:
         clip = synthetic_clip(args.resolution, args.objects, distinct, device, seed=args.seed)
-    tracker = Tracker(model, device=device, top_k=args.top_k, mem_every=args.mem_every, size=None,
-                      max_memory_frames=args.max_memory_frames, match_cache_frames=0, precision=args.precision)
+    tracker = Tracker(model, device=device, size=None, match_cache_frames=0, **options)
 
     if args.warmup:
         with compile_errors(args.compile):
@@ -316,7 +298,8 @@ def bench(args: argparse.Namespace) -> dict:
         "seconds": round(seconds, 4),
         "fps": _round(timed_frames / seconds, 3),
         "ms_per_frame": _round(1000 * seconds / timed_frames, 3),
-        "tracker": {"top_k": tracker.top_k, "mem_every": args.mem_every, "max_memory_frames": args.max_memory_frames},
+        "tracker": {"top_k": tracker.top_k, "mem_every": tracker.mem_every, "max_memory_frames": tracker.max_memory_frames,
+                    **({} if tracker.arch == "stcn" else tracker.xmem_options)},
         "memory_stats": {"memory_frames": final_stats.memory_frames, "working_elements": final_stats.working_elements,
                          "long_term_elements": final_stats.long_term_elements,
                          "consolidations": final_stats.consolidations},

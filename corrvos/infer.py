@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from corrvos.errors import CheckpointError, CorrvosError, InputError
+from corrvos.precision import check_precision
+from corrvos.tracker_options import add_tracker_arguments, tracker_options
 
 OVERLAY_NAME = "overlay.mp4"
 
@@ -51,14 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None,
                    help="internal processing size of the short side; -1 keeps the input size (default: the "
                         "checkpoint's training scale, 480 for upstream models). Masks are always written at the input size")
-    p.add_argument("--mem-every", type=int, default=5,
-                   help="add a frame to the memory every N frames (default: 5)")
-    p.add_argument("--top-k", type=int, default=None,
-                   help="memory positions kept per query pixel in the softmax (default: the model's: 20 STCN, 30 XMem)")
     p.add_argument("--fps", type=float, default=None,
                    help="frame rate of overlay.mp4 (default: the video's, or 24 for frame folders and zips)")
     p.add_argument("--no-video", action="store_true",
                    help="write only the masks, not overlay.mp4 (which needs the imageio-ffmpeg package)")
+    add_tracker_arguments(p)
     return p
 
 
@@ -128,10 +127,7 @@ def read_given_masks(path: Path, names: Sequence[str], size: tuple[int, int]) ->
 def _validate_args(args: argparse.Namespace) -> None:
     if args.size is not None and args.size != -1 and args.size < 16:
         raise InputError(f"--size {args.size} is too small; use a short side of at least 16 pixels, or -1 for the input size.")
-    if args.mem_every < 1:
-        raise InputError(f"--mem-every must be at least 1, not {args.mem_every}.")
-    if args.top_k is not None and args.top_k < 1:
-        raise InputError(f"--top-k must be at least 1, not {args.top_k}.")
+    tracker_options(args)  # value errors before anything is read; the architecture is checked once loaded
     if args.fps is not None and args.fps <= 0:
         raise InputError(f"--fps must be positive, not {args.fps}.")
     if not args.checkpoint.is_file():
@@ -168,11 +164,13 @@ def run(args: argparse.Namespace) -> Path:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda was asked for but no CUDA GPU is available here; use --device cpu.")
+    check_precision(args.precision, device)
     model = corrvos.load_model(args.checkpoint, device=device)
     size = model.preferred_size if args.size is None else (None if args.size == -1 else args.size)
     tracker = corrvos.Tracker(
-        model, device=device, top_k=args.top_k, mem_every=args.mem_every, size=size,
+        model, device=device, size=size,
         match_cache_frames=0,  # the CLI never asks for matches: keep no per-frame caches for them
+        **tracker_options(args, model.config.arch),
     )
 
     try:

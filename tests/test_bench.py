@@ -94,7 +94,7 @@ def test_stage_timer_counts_calls_and_restores_methods():
         (["--model", "nope"], "invalid choice"),
         (["--frames", "5"], "Give --model"),
         (["--model", "stcn-s", "--warmup", "-1"], "--warmup must be 0 or more"),
-        (["--model", "xmem-s", "--max-memory-frames", "4"], "caps STCN's memory bank"),
+        (["--model", "xmem-s", "--max-memory-frames", "4"], "configures STCN's memory"),
         (["--model", "stcn-s", "--long", "3", "--long-points", "5"], "cannot exceed --long"),
         (["--model", "stcn-s", "--checkpoint", "/no/such.safetensors"], "does not exist"),
     ],

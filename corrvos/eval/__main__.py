@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from corrvos.errors import CorrvosError, InputError
+from corrvos.tracker_options import add_tracker_arguments, given_tracker_options, tracker_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                     help="processes scoring sequences in parallel (default: min(4, CPUs))")
     ap.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_tracker_arguments(ap)  # with --checkpoint
     return ap
 
 
@@ -61,6 +63,12 @@ def run(args: argparse.Namespace) -> int:
                          "a recorded score must be the benchmark's.")
     if args.record and args.checkpoint.suffix != ".safetensors":
         raise InputError(f"--record writes into corrvos .safetensors files; {args.checkpoint.name} is not one.")
+    changed = given_tracker_options(args)
+    if changed and args.checkpoint is None:
+        raise InputError(f"{changed[0]} sets how a model is run, so it needs --checkpoint; drop it to score --results.")
+    if changed and args.record:
+        raise InputError(f"--record stores the scores of the default memory settings; drop {changed[0]} or --record.")
+    tracker_options(args)  # value errors before the dataset is opened
     start = time.perf_counter()
     sequences = [s.strip() for s in args.sequences.split(",") if s.strip()] if args.sequences else None
     split = open_davis(args.davis, args.split, args.year, sequences)
@@ -102,8 +110,12 @@ def _run_model(args, split, results_dir: Path, progress: bool):
     from corrvos import load_model
     from corrvos.eval.predict import predict_split
 
+    from corrvos.precision import check_precision
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_precision(args.precision, device)
     model = load_model(args.checkpoint, device=device)
+    options = tracker_options(args, model.config.arch)
     hook = recorder = None
     if args.correspondence:
         from corrvos.eval.correspondence_run import CorrespondenceRecorder
@@ -113,7 +125,7 @@ def _run_model(args, split, results_dir: Path, progress: bool):
     size = model.preferred_size if args.size is None else (args.size or None)
     print(f"{args.checkpoint.name}: processing at {f'{size}p' if size else 'the original size'} on {device}")
     stats = predict_split(split, model, results_dir, device=device, size=size,
-                          progress=progress, on_frame=hook)
+                          progress=progress, on_frame=hook, **options)
     return stats, recorder, size
 
 

@@ -26,10 +26,9 @@ from corrvos.imageops import Pad, aggregate, normalize, pad_divide_by, to_float_
 from corrvos.inference.memory_common import MemorySnapshot, snapshot_weights
 from corrvos.inference.stcn_memory import STCNMemory
 from corrvos.inference.xmem_memory import XMemMemory
+from corrvos.precision import PRECISIONS, autocast_dtype
 
 DEFAULT_TOP_K = {"stcn": 20, "xmem": 30}
-# Tracker precision -> autocast dtype of the network (None: plain fp32).
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -288,7 +287,7 @@ class Tracker:
     # precision ----------------------------------------------------------------------------------------
     def _network(self) -> contextlib.AbstractContextManager:
         """Autocast for the network's calls in bf16/fp16 mode; nothing in fp32."""
-        dtype = PRECISIONS[self.precision]
+        dtype = autocast_dtype(self.precision)
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)

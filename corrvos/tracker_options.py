@@ -1,0 +1,109 @@
+"""The Tracker's memory and precision settings as command-line options, shared by infer, eval and bench.
+
+No torch at import time: the command lines check their arguments before loading it.
+
+Names follow XMem's and STCN's evaluation scripts where they exist (``--mem-every``, ``--top-k``,
+``--max-memory-frames`` for STCN; ``--min-working-frames`` / ``--max-working-frames`` are upstream's
+``--min_mid_term_frames`` / ``--max_mid_term_frames``, ``--no-long-term`` its ``--disable_long_term``).
+Options for the other architecture are refused once the model is known, so a flag is never silently ignored.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+from dataclasses import dataclass
+
+from corrvos.errors import InputError
+from corrvos.precision import PRECISIONS
+
+
+@dataclass(frozen=True)
+class _Option:
+    flag: str
+    help: str
+    arch: str | None = None  # None: both architectures
+    minimum: int = 1
+
+
+# Integer options; their defaults are the Tracker's (None here means "not given": the Tracker's default applies).
+_INT_OPTIONS = (
+    _Option("--mem-every", "add a frame to the memory every N frames (default: 5)"),
+    _Option("--top-k", "memory positions kept per query pixel in the softmax (default: 20 STCN, 30 XMem)"),
+    _Option("--max-memory-frames",
+            "STCN: cap the memory bank for long videos, dropping the oldest frames without a given mask "
+            "(default: unbounded, as upstream)", arch="stcn", minimum=2),
+    _Option("--min-working-frames",
+            "XMem: working-memory frames kept after a consolidation (upstream min_mid_term_frames; default: 5)",
+            arch="xmem"),
+    _Option("--max-working-frames",
+            "XMem: working-memory frames that trigger a consolidation into long-term memory "
+            "(upstream max_mid_term_frames; default: 10)", arch="xmem", minimum=2),
+    _Option("--num-prototypes", "XMem: prototypes kept per consolidation (default: 128)", arch="xmem"),
+    _Option("--max-long-term-elements", "XMem: long-term memory cap in elements (default: 10000)",
+            arch="xmem", minimum=2),
+)
+_ARCH_NAMES = {"stcn": "STCN", "xmem": "XMem"}
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def add_tracker_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the memory and precision options (one argument group) to ``parser``."""
+    group = parser.add_argument_group("memory and precision")
+    for opt in _INT_OPTIONS:
+        group.add_argument(opt.flag, type=int, default=None, metavar="N", help=opt.help)
+    group.add_argument("--no-long-term", action="store_true",
+                       help="XMem: no long-term memory (working memory grows without bound; upstream --disable_long_term)")
+    group.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                       help="fp32, or bf16/fp16: the network under autocast, the memory kept in fp32 (default: fp32)")
+
+
+def given_tracker_options(args: argparse.Namespace) -> list[str]:
+    """The flags of this group that were set away from their defaults (e.g. for refusing ``eval --record``)."""
+    given = [opt.flag for opt in _INT_OPTIONS if getattr(args, _dest(opt.flag)) is not None]
+    if args.no_long_term:
+        given.append("--no-long-term")
+    if args.precision != "fp32":
+        given.append("--precision")
+    return given
+
+
+def tracker_options(args: argparse.Namespace, arch: str | None = None) -> dict:
+    """Validated ``Tracker`` keyword arguments from the parsed options; raises InputError (one sentence).
+
+    With ``arch`` ("stcn" or "xmem", the loaded model's), options of the other architecture are refused.
+    """
+    options: dict = {}
+    for opt in _INT_OPTIONS:
+        value = getattr(args, _dest(opt.flag))
+        if value is None:
+            continue
+        if value < opt.minimum:
+            raise InputError(f"{opt.flag} must be at least {opt.minimum}, not {value}.")
+        options[_dest(opt.flag)] = value
+    xmem_given = [o.flag for o in _INT_OPTIONS if o.arch == "xmem" and _dest(o.flag) in options]
+    if args.no_long_term:
+        xmem_given.append("--no-long-term")
+        options["enable_long_term"] = False
+    if arch is not None:
+        for other, flags in (("xmem", xmem_given), ("stcn", [f for f in ("--max-memory-frames",) if _dest(f) in options])):
+            if other != arch and flags:
+                raise InputError(
+                    f"{flags[0]} configures {_ARCH_NAMES[other]}'s memory, but this is an {_ARCH_NAMES[arch]} model; drop it."
+                )
+    from corrvos.inference.tracker import Tracker
+
+    defaults = {name: p.default for name, p in inspect.signature(Tracker.__init__).parameters.items()}
+    low, high, prototypes, cap = (
+        options.get(name, defaults[name])
+        for name in ("min_working_frames", "max_working_frames", "num_prototypes", "max_long_term_elements")
+    )
+    if not args.no_long_term and low >= high:
+        raise InputError(f"--min-working-frames ({low}) must be smaller than --max-working-frames ({high}).")
+    if not args.no_long_term and prototypes >= cap:
+        raise InputError(f"--num-prototypes ({prototypes}) must be smaller than --max-long-term-elements ({cap}).")
+    options["precision"] = args.precision
+    return options
+

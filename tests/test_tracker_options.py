@@ -1,0 +1,126 @@
+"""The memory and precision options shared by infer, eval and bench: parsing, checks, and that they reach the Tracker."""
+import argparse
+
+import numpy as np
+import pytest
+
+import corrvos
+from corrvos.errors import InputError
+from corrvos.infer import main as infer_main
+from corrvos.io import write_mask, write_video
+from corrvos.tracker_options import add_tracker_arguments, given_tracker_options, tracker_options
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_tracker_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_defaults_leave_the_tracker_defaults():
+    args = _parse()
+    assert tracker_options(args) == {"precision": "fp32"}
+    assert given_tracker_options(args) == []
+
+
+def test_given_values_become_tracker_keywords():
+    args = _parse("--mem-every", "3", "--top-k", "7", "--min-working-frames", "2", "--max-working-frames", "4",
+                  "--num-prototypes", "16", "--max-long-term-elements", "500", "--precision", "bf16")
+    assert tracker_options(args, "xmem") == {
+        "mem_every": 3, "top_k": 7, "min_working_frames": 2, "max_working_frames": 4, "num_prototypes": 16,
+        "max_long_term_elements": 500, "precision": "bf16",
+    }
+    assert given_tracker_options(args) == ["--mem-every", "--top-k", "--min-working-frames", "--max-working-frames",
+                                           "--num-prototypes", "--max-long-term-elements", "--precision"]
+    assert tracker_options(_parse("--no-long-term"), "xmem") == {"enable_long_term": False, "precision": "fp32"}
+    assert tracker_options(_parse("--max-memory-frames", "4"), "stcn") == {"max_memory_frames": 4, "precision": "fp32"}
+
+
+@pytest.mark.parametrize(
+    "argv, arch, message",
+    [
+        (["--mem-every", "0"], None, "--mem-every must be at least 1, not 0."),
+        (["--top-k", "-2"], None, "--top-k must be at least 1"),
+        (["--max-memory-frames", "1"], None, "--max-memory-frames must be at least 2"),
+        (["--min-working-frames", "10"], None, "--min-working-frames (10) must be smaller than --max-working-frames (10)"),
+        (["--num-prototypes", "300", "--max-long-term-elements", "200"], None, "must be smaller than --max-long-term-elements"),
+        (["--max-memory-frames", "4"], "xmem", "--max-memory-frames configures STCN's memory, but this is an XMem model"),
+        (["--num-prototypes", "4"], "stcn", "--num-prototypes configures XMem's memory, but this is an STCN model"),
+        (["--no-long-term"], "stcn", "--no-long-term configures XMem's memory"),
+    ],
+)
+def test_bad_values_are_one_sentence(argv, arch, message):
+    with pytest.raises(InputError) as err:
+        tracker_options(_parse(*argv), arch)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_without_long_term_the_consolidation_sizes_are_not_checked():
+    # Upstream ignores the working-memory sizes when long-term memory is off; so do we.
+    assert tracker_options(_parse("--no-long-term", "--min-working-frames", "9", "--max-working-frames", "3"), "xmem")
+
+
+def test_infer_passes_xmem_memory_options_to_the_tracker(tmp_path, monkeypatch, capfd):
+    import torch
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "xmem-s.safetensors"
+    corrvos.save_model(corrvos.build_model("xmem-s"), ckpt)
+    frames = []
+    for t in range(8):
+        f = np.full((64, 96, 3), (60, 90, 60), np.uint8)
+        f[10:30, 10 + 3 * t:30 + 3 * t] = (230, 40, 40)
+        frames.append(f)
+    write_video(tmp_path / "clip.mp4", frames, fps=8)
+    mask = np.zeros((64, 96), np.uint8)
+    mask[10:30, 10:30] = 1
+    write_mask(tmp_path / "mask.png", mask)
+
+    made = []
+
+    class RecordingTracker(corrvos.Tracker):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(corrvos, "Tracker", RecordingTracker)
+    code = infer_main(["--checkpoint", str(ckpt), "--video", str(tmp_path / "clip.mp4"), "--mask", str(tmp_path / "mask.png"),
+                       "--out", str(tmp_path / "out"), "--device", "cpu", "--size", "-1", "--no-video", "--mem-every", "1",
+                       "--min-working-frames", "2", "--max-working-frames", "3", "--num-prototypes", "8",
+                       "--max-long-term-elements", "40"])
+    assert code == 0, capfd.readouterr().err
+    (tracker,) = made
+    memory = tracker.memory
+    assert (tracker.mem_every, memory.min_working_frames, memory.max_working_frames) == (1, 2, 3)
+    assert (memory.num_prototypes, memory.max_long_term_elements) == (8, 40)
+    assert memory.long_term.size > 0  # 8 memory frames with a working memory of 3: consolidation happened
+    assert len(list((tmp_path / "out").glob("*.png"))) == 8
+
+
+def test_infer_refuses_an_option_of_the_other_architecture(tmp_path, capfd):
+    ckpt = tmp_path / "stcn-s.safetensors"
+    corrvos.save_model(corrvos.build_model("stcn-s"), ckpt)
+    write_video(tmp_path / "clip.mp4", [np.zeros((32, 48, 3), np.uint8)] * 2, fps=8)
+    mask = np.zeros((32, 48), np.uint8)
+    mask[5:15, 5:15] = 1
+    write_mask(tmp_path / "mask.png", mask)
+    code = infer_main(["--checkpoint", str(ckpt), "--video", str(tmp_path / "clip.mp4"), "--mask", str(tmp_path / "mask.png"),
+                       "--out", str(tmp_path / "out"), "--device", "cpu", "--no-video", "--num-prototypes", "8"])
+    err = capfd.readouterr().err.strip()
+    assert code == 2 and err == "error: --num-prototypes configures XMem's memory, but this is an STCN model; drop it."
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--results", "r", "--top-k", "5"], "--top-k sets how a model is run, so it needs --checkpoint"),
+        (["--checkpoint", "m.safetensors", "--record", "--precision", "bf16"],
+         "--record stores the scores of the default memory settings; drop --precision or --record."),
+    ],
+)
+def test_eval_refuses_options_that_cannot_apply(tmp_path, extra, message, capsys):
+    from corrvos.eval.__main__ import main as eval_main
+
+    assert eval_main(["--davis", str(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {message}") and "\n" not in err
