@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 from app.session import AppConfig, default_device
+from corrvos.errors import InputError
+from corrvos.precision import check_precision
+from corrvos.tracker_options import add_tracker_arguments, tracker_options
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,12 +26,19 @@ def main(argv: list[str] | None = None) -> None:
                          "models (trained on 160-pixel crops), 480 for upstream ones); 0 = input size")
     ap.add_argument("--max-frames", type=int, default=None, help="frame cap (default 100 on CPU, 1500 on GPU)")
     ap.add_argument("--max-file-size", default="500mb", help="upload size limit (default 500mb)")
+    add_tracker_arguments(ap)  # for both models; each gets the options of its architecture
     args = ap.parse_args(argv)
+    try:
+        options = tracker_options(args)
+        check_precision(args.precision, args.device or default_device())
+    except InputError as err:
+        ap.exit(2, f"error: {err}\n")
 
     kwargs = {}
     if args.checkpoints is not None:
         kwargs["checkpoints"] = args.checkpoints
-    config = AppConfig(device=args.device or default_device(), size="auto" if args.size is None else (args.size or None), max_frames=args.max_frames, **kwargs)
+    config = AppConfig(device=args.device or default_device(), size="auto" if args.size is None else (args.size or None), max_frames=args.max_frames,
+                       tracker_options=options, **kwargs)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from app.ui import build_demo
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from corrvos.tracker_options import for_architecture
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth")
@@ -48,6 +50,9 @@ class AppConfig:
     max_frames: int | None = None  # None: FRAME_CAP for the device
     preview_every: int = 5
     max_sessions: int = 4
+    # Extra Tracker keywords from corrvos.tracker_options (memory settings, precision) for every model;
+    # each model gets those of its architecture.
+    tracker_options: dict = field(default_factory=dict)
     work_root: Path | None = None  # where overlay videos and exports go; a temp dir by default
 
     def __post_init__(self) -> None:
@@ -291,7 +296,8 @@ def propagate_runs(session: Session, models: dict[str, object], config: AppConfi
         for slot, model in models.items():
             # Every frame stays explainable by a click (keys + memory snapshots; about 0.4 MB per 480p frame).
             size = model.preferred_size if config.size == "auto" else config.size
-            tracker = Tracker(model, device=config.device, size=size, match_cache_frames=None)
+            tracker = Tracker(model, device=config.device, size=size, match_cache_frames=None,
+                              **for_architecture(config.tracker_options, model.config.arch))
             run = session.runs[slot]
             run.passes.append(Pass(tracker, plan))
             run.passes = _without_superseded(run.passes, session.given)

@@ -107,3 +107,11 @@ def tracker_options(args: argparse.Namespace, arch: str | None = None) -> dict:
     options["precision"] = args.precision
     return options
 
+
+
+def for_architecture(options: dict, arch: str) -> dict:
+    """``options`` without the other architecture's keys: for a program that runs STCN and XMem models side by side."""
+    other = {_dest(o.flag) for o in _INT_OPTIONS if o.arch not in (None, arch)}
+    if arch == "stcn":
+        other.add("enable_long_term")
+    return {k: v for k, v in options.items() if k not in other}

@@ -195,3 +195,14 @@ def test_correction_errors_are_one_sentence(assets):
         list(h.propagate(None, str(assets["mask"]), 0, *PAIR))
     h.set_anno_frame(0)
     assert "Done" in list(h.propagate(None, str(assets["mask"]), 0, *PAIR))[-1][3]
+
+
+def test_tracker_options_reach_both_models_with_their_architecture(assets):
+    # python -m app --mem-every 2 --top-k 4 --max-memory-frames 3 --num-prototypes 8: the XMem option is
+    # dropped for these STCN models instead of failing, since A and B may be of different architectures.
+    h = _propagated(assets, tracker_options={"mem_every": 2, "top_k": 4, "max_memory_frames": 3, "num_prototypes": 8})
+    session = h.store.get("local")
+    for slot in ("A", "B"):
+        tracker = session.runs[slot].passes[-1].tracker
+        assert (tracker.mem_every, tracker.top_k, tracker.memory.max_frames) == (2, 4, 3)
+        assert tracker.memory.num_frames <= 3

@@ -124,3 +124,21 @@ def test_eval_refuses_options_that_cannot_apply(tmp_path, extra, message, capsys
     assert eval_main(["--davis", str(tmp_path), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {message}") and "\n" not in err
+
+
+def test_for_architecture_keeps_shared_options_and_those_of_the_architecture():
+    from corrvos.tracker_options import for_architecture
+
+    options = tracker_options(_parse("--top-k", "4", "--max-memory-frames", "3", "--num-prototypes", "8", "--no-long-term"))
+    assert for_architecture(options, "stcn") == {"top_k": 4, "max_memory_frames": 3, "precision": "fp32"}
+    assert for_architecture(options, "xmem") == {"top_k": 4, "num_prototypes": 8, "enable_long_term": False,
+                                                 "precision": "fp32"}
+
+
+def test_app_command_line_checks_the_options(capsys):
+    from app.__main__ import main as app_main
+
+    with pytest.raises(SystemExit) as exc:
+        app_main(["--mem-every", "0", "--device", "cpu"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: --mem-every must be at least 1, not 0."
