@@ -2,7 +2,8 @@
 
 Frames are always RGB uint8 ``HxWx3`` numpy arrays at their original size. Videos are decoded with
 decord; where decord is not installed (the GPU machine has none) OpenCV's decoder is used instead.
-Note: neither decoder applies a phone video's rotation metadata, so such a video is read as stored.
+Both decoders apply a phone video's rotation metadata (its display matrix), so portrait videos come out
+upright, as players show them (tests/test_io.py checks it for each backend).
 """
 from __future__ import annotations
 
