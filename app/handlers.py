@@ -32,16 +32,15 @@ from app.session import (
     propagate_runs,
 )
 from corrvos.errors import CheckpointError, CorrvosError, InputError
-from corrvos.io.masks import check_mask, read_mask, write_mask
+from corrvos.io.masks import check_mask, compact_labels, read_mask, write_mask
 from corrvos.io.video import VideoWriter, load_frames
 from corrvos.models.provenance import describe_checkpoint
+from corrvos.viz.affinity_view import AffinityView, render_affinity, stack_rows
 from corrvos.viz.compare import disagreement_view, frame_series
-from corrvos.viz.heatmap import match_strip, memory_frame_panel, summarize_affinity
 from corrvos.viz.overlay import overlay
 
 log = logging.getLogger("corrvos.app")
 SLOTS = ("A", "B")
-MATCHES_SHOWN = 5  # numbered markers per click and model (the read itself uses the model's top-k)
 
 OOM_MESSAGE = (
     "ran out of memory while propagating; use a shorter or smaller video (or fewer objects) and try again."
@@ -270,7 +269,8 @@ class AppHandlers:
         t0 = int(np.clip(int(anno_t or 0), 0, len(session.frames) - 1))
         layers = editor.get("layers") if isinstance(editor, dict) else None
         mask = inputs.first_mask(layers, mask_file, session.frames[t0].shape)
-        mask, num_objects = inputs.compact_labels(mask)
+        (mask,), back = compact_labels([mask])
+        num_objects = int(np.count_nonzero(back))
         gt = inputs.read_ground_truth(gt_files, session.names, session.frames[0].shape) if gt_files else None
         paths = {"A": self._checkpoint_path(ckpt_a, "A"), "B": self._checkpoint_path(ckpt_b, "B")}
         models = {slot: self.models.get(path, self.config.device) for slot, path in paths.items()}
@@ -438,7 +438,7 @@ class AppHandlers:
             galleries.append(view.panels)
             strips.append(view.strip)
             lines.append(view.text)
-        strip = _stack_rows(strips)
+        strip = stack_rows(strips)
         text = "\n\n".join(lines)
         return galleries[0], galleries[1], strip, text
 
@@ -478,68 +478,12 @@ def _png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _stack_rows(images: list[np.ndarray]) -> np.ndarray:
-    """Stack images vertically, padding narrower ones on the right with black."""
-    width = max(im.shape[1] for im in images)
-    rows = [np.pad(im, ((0, 4), (0, width - im.shape[1]), (0, 0))) for im in images]
-    return np.concatenate(rows, axis=0)[:-4]
-
-
-class AffinityView:
-    """What the click panel shows for one model: gallery items, a match strip and a text readout."""
-
-    def __init__(self, panels: list[tuple[np.ndarray, str]], strip: np.ndarray, text: str):
-        self.panels, self.strip, self.text = panels, strip, text
-
-
-PANEL_WIDTH = 480  # gallery panels are drawn at most this wide
-STRIP_HEIGHT = 200
-
-
-def _tracker_pad(tracker) -> tuple[int, int, int, int]:
-    return tuple(tracker.geometry.pad)
-
-
 def affinity_view(session: Session, slot: str, t: int, x: float, y: float) -> AffinityView:
     """Ask model ``slot``'s tracker where pixel (x, y) of frame ``t`` read its memory from, and render it."""
     run = session.runs[slot]
     found = session.tracker_for(slot, t)
     if found is None:
         raise InputError(f"model {slot} has no result for frame {t}; propagate again.")
-    walk, local = found
-    tracker = walk.tracker
-    m = tracker.matches(local, int(x), int(y), k=MATCHES_SHOWN)
-    pad = _tracker_pad(tracker)
-    mem_abs = [walk.frames[f] for f in m.memory_frames]
-    grids = [g.numpy() for g in m.heatmaps]
-    masks = [run.labels[f] for f in mem_abs]
-    summary = summarize_affinity(grids, masks if all(l is not None for l in masks) else None, pad,
-                                 num_objects=session.num_objects)
-    top = [(walk.frames[f], mx, my, w) for f, mx, my, w in m.top]
-    vmax = max(float(g.max()) for g in grids) if grids else None
-    panels = []
-    for t_mem, grid, weight in zip(mem_abs, grids, summary.frame_weight):
-        points = [(mx, my, w, rank) for rank, (f, mx, my, w) in enumerate(top, start=1) if f == t_mem]
-        panel = memory_frame_panel(session.frames[t_mem], grid, points, f"{slot}  t={t_mem}  weight {weight:.2f}",
-                                   pad=pad, vmax=vmax, max_width=PANEL_WIDTH)
-        panels.append((panel, f"{slot} · memory frame {t_mem} · weight {weight:.3f}"))
-    shown = sorted({f for f, *_ in top})
-    strip = match_strip(session.frames[t], (x, y), [(f, session.frames[f]) for f in shown], top,
-                        height=STRIP_HEIGHT, query_label=f"{slot} t={t}")
-    per_frame = ", ".join(f"t={f}: {w:.2f}" for f, w in sorted(zip(mem_abs, summary.frame_weight), key=lambda p: -p[1]))
-    share = ", ".join(
-        ("background" if k == 0 else f"obj{k}") + f" {100 * v:.0f}%" for k, v in summary.object_share.items()
-    )
-    best = top[0] if top else None
-    best_txt = (
-        f" Best match: frame {best[0]} at ({best[1]:.0f}, {best[2]:.0f}), weight {best[3]:.3f}, "
-        f"{float(np.hypot(best[1] - x, best[2] - y)):.0f} px from the clicked pixel." if best else ""
-    )
-    text = (
-        f"**{run.title}**: frame {t}, pixel ({x:.0f}, {y:.0f}), predicted "
-        f"{'background' if run.labels[t][int(y), int(x)] == 0 else 'obj' + str(int(run.labels[t][int(y), int(x)]))}. "
-        f"Entropy {summary.entropy:.2f} nats (≈{summary.effective_matches:.1f} effective matches of top-{tracker.top_k} "
-        f"over {len(mem_abs)} memory frames). Weight per memory frame: {per_frame}. "
-        f"Share of weight inside each mask: {share or 'n/a'}.{best_txt}"
-    )
-    return AffinityView(panels, strip, text)
+    walk, step = found
+    return render_affinity(walk.tracker, step, x, y, frames=session.frames, frame_of=walk.frames, labels=run.labels,
+                           num_objects=session.num_objects, name=slot, title=run.title)

@@ -39,15 +39,6 @@ def labels_from_layers(layers: Sequence[np.ndarray | None] | None) -> np.ndarray
     return labels
 
 
-def compact_labels(labels: np.ndarray) -> tuple[np.ndarray, int]:
-    """Renumber objects 1..K in order of their original ids (so drawing only on obj1 and obj3 gives K=2)."""
-    ids = [int(i) for i in np.unique(labels) if i != 0]
-    lut = np.zeros(256, np.uint8)
-    for new, old in enumerate(ids, start=1):
-        lut[old] = new
-    return lut[labels], len(ids)
-
-
 def label_layer(labels: np.ndarray, k: int) -> np.ndarray:
     """RGBA layer showing object ``k`` of a label map in its palette colour (to pre-fill the editor)."""
     layer = np.zeros((*labels.shape, 4), np.uint8)

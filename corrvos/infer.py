@@ -84,17 +84,6 @@ class _RecentFrames(Sequence):
         return self._cache[t]
 
 
-def _compact_labels(masks: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
-    """Renumber the masks' object ids to 1..K (the Tracker's convention); the lookup table maps them back."""
-    ids = np.unique(np.concatenate([np.unique(m) for m in masks]))
-    ids = ids[ids != 0]
-    forward = np.zeros(256, np.uint8)
-    forward[ids] = np.arange(1, len(ids) + 1, dtype=np.uint8)
-    back = np.zeros(256, np.uint8)
-    back[1:len(ids) + 1] = ids
-    return [forward[m] for m in masks], back
-
-
 def read_given_masks(path: Path, names: Sequence[str], size: tuple[int, int]) -> dict[int, np.ndarray]:
     """``--mask``: one PNG for frame 0, or a folder of PNGs named after the frames they annotate -> {t: labels}."""
     from corrvos.io.masks import check_mask, read_mask
@@ -144,7 +133,7 @@ def _validate_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> Path:
     """Do the work of the CLI; returns the output folder. Raises CorrvosError on bad input."""
     _validate_args(args)
-    from corrvos.io.masks import write_mask
+    from corrvos.io.masks import compact_labels, write_mask
     from corrvos.io.video import VideoWriter, load_frames
     from corrvos.viz.overlay import overlay
 
@@ -152,7 +141,7 @@ def run(args: argparse.Namespace) -> Path:
     clip = load_frames(args.video if args.video is not None else args.frames, lazy=True, fps=args.fps)
     given = read_given_masks(args.mask, clip.names, clip.size)
     order = sorted(given)
-    compact, back = _compact_labels([given[t] for t in order])
+    compact, back = compact_labels([given[t] for t in order])
     start = order[0]
     later = {t - start: m for t, m in zip(order[1:], compact[1:])}
 

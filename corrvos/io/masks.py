@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -183,3 +184,15 @@ def check_mask(mask: np.ndarray, frame_shape: tuple[int, ...]) -> np.ndarray:
             "the first-frame mask has no object pixels (it is all background); mark at least one object on it."
         )
     return mask.astype(np.uint8, copy=False)
+
+
+def compact_labels(masks: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Renumber the object ids of ``masks`` to 1..K in the order of their ids (the Tracker's convention:
+    drawing obj1 and obj3 gives K = 2); the returned 256-entry lookup table maps 1..K back to the ids."""
+    ids = np.unique(np.concatenate([np.unique(m) for m in masks]))
+    ids = ids[ids != 0]
+    forward = np.zeros(256, np.uint8)
+    forward[ids] = np.arange(1, len(ids) + 1, dtype=np.uint8)
+    back = np.zeros(256, np.uint8)
+    back[1:len(ids) + 1] = ids
+    return [forward[m] for m in masks], back
