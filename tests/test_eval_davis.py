@@ -170,3 +170,21 @@ def test_cli_reports_one_sentence_errors(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: the DAVIS folder") and err.count("\n") == 0
+
+
+def test_predict_only_writes_every_frame_and_scores_nothing(davis2016_root, tmp_path, capsys):
+    # DAVIS-2017 test-dev has the first annotation only: --predict-only must not need the others.
+    import corrvos
+
+    ckpt = tmp_path / "stcn-s.safetensors"
+    corrvos.save_model(corrvos.build_model("stcn-s"), ckpt)
+    out = tmp_path / "masks"
+    rc = main(["--davis", str(davis2016_root), "--split", "val", "--sequences", "blackswan", "--checkpoint", str(ckpt),
+               "--out", str(out), "--device", "cpu", "--size", "64", "--predict-only", "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "not scored (--predict-only)" in printed and "J&F" not in printed
+    assert len(list((out / "blackswan").glob("*.png"))) == 50
+    assert not (out / "global_results.csv").exists()
+    assert main(["--davis", str(davis2016_root), "--results", str(out), "--predict-only"]) == 2
+    assert "--predict-only runs --checkpoint" in capsys.readouterr().err

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--record", action="store_true",
                     help="with --checkpoint (.safetensors, whole split): store J&F, J, F and the size in the file's "
                          "metadata, where the app and corrvos.describe_checkpoint show them")
+    ap.add_argument("--predict-only", action="store_true",
+                    help="with --checkpoint: write the masks and stop, for splits scored elsewhere (DAVIS-2017 test-dev "
+                         "on CodaLab, whose annotations stop at the first frame)")
     ap.add_argument("--k", type=int, default=10, help="k of mask precision@k (default 10)")
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                     help="processes scoring sequences in parallel (default: min(4, CPUs))")
@@ -68,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{changed[0]} sets how a model is run, so it needs --checkpoint; drop it to score --results.")
     if changed and args.record:
         raise InputError(f"--record stores the scores of the default memory settings; drop {changed[0]} or --record.")
+    if args.predict_only and (args.checkpoint is None or args.record or args.correspondence):
+        raise InputError("--predict-only runs --checkpoint and scores nothing, so it needs --checkpoint and "
+                         "excludes --record and --correspondence.")
     tracker_options(args)  # value errors before the dataset is opened
     start = time.perf_counter()
     sequences = [s.strip() for s in args.sequences.split(",") if s.strip()] if args.sequences else None
@@ -81,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
         if args.correspondence:
             raise InputError("--correspondence needs --checkpoint (it measures the model's own affinity); add one.")
         results_dir = args.results
+    if args.predict_only:
+        print(f"Wrote the masks of {run_stats.sequences} sequences to {results_dir}: {run_stats.frames} frames at "
+              f"{run_stats.fps:.2f} FPS (amortised, I/O excluded); not scored (--predict-only).")
+        return 0
     result = evaluate_results(split, results_dir, workers=args.workers, progress=progress)
     global_csv, seq_csv = write_csvs(result, results_dir)
     print(format_tables(result, args.split))
