@@ -129,6 +129,7 @@ class AppHandlers:
             f"**Device:** {c.device_label} · **processing:** {size} (results at the input size) · "
             f"**frame cap:** {c.max_frames} frames on this device (longer videos are cut to their first "
             f"{c.max_frames} frames) · up to {MAX_OBJECTS} objects."
+            + (f" · **tracker:** {', '.join(f'{k}={v}' for k, v in c.tracker_options.items())}" if c.tracker_options else "")
         )
 
     def refresh_checkpoints(self):

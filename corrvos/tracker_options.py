@@ -104,7 +104,8 @@ def tracker_options(args: argparse.Namespace, arch: str | None = None) -> dict:
         raise InputError(f"--min-working-frames ({low}) must be smaller than --max-working-frames ({high}).")
     if not args.no_long_term and prototypes >= cap:
         raise InputError(f"--num-prototypes ({prototypes}) must be smaller than --max-long-term-elements ({cap}).")
-    options["precision"] = args.precision
+    if args.precision != "fp32":  # fp32 is the Tracker's default: left out like every option not given
+        options["precision"] = args.precision
     return options
 
 

@@ -201,6 +201,7 @@ def test_tracker_options_reach_both_models_with_their_architecture(assets):
     # python -m app --mem-every 2 --top-k 4 --max-memory-frames 3 --num-prototypes 8: the XMem option is
     # dropped for these STCN models instead of failing, since A and B may be of different architectures.
     h = _propagated(assets, tracker_options={"mem_every": 2, "top_k": 4, "max_memory_frames": 3, "num_prototypes": 8})
+    assert "**tracker:** mem_every=2, top_k=4, max_memory_frames=3, num_prototypes=8" in h.header()
     session = h.store.get("local")
     for slot in ("A", "B"):
         tracker = session.runs[slot].passes[-1].tracker

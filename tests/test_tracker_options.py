@@ -19,7 +19,7 @@ def _parse(*argv: str) -> argparse.Namespace:
 
 def test_defaults_leave_the_tracker_defaults():
     args = _parse()
-    assert tracker_options(args) == {"precision": "fp32"}
+    assert tracker_options(args) == {}
     assert given_tracker_options(args) == []
 
 
@@ -32,8 +32,8 @@ def test_given_values_become_tracker_keywords():
     }
     assert given_tracker_options(args) == ["--mem-every", "--top-k", "--min-working-frames", "--max-working-frames",
                                            "--num-prototypes", "--max-long-term-elements", "--precision"]
-    assert tracker_options(_parse("--no-long-term"), "xmem") == {"enable_long_term": False, "precision": "fp32"}
-    assert tracker_options(_parse("--max-memory-frames", "4"), "stcn") == {"max_memory_frames": 4, "precision": "fp32"}
+    assert tracker_options(_parse("--no-long-term"), "xmem") == {"enable_long_term": False}
+    assert tracker_options(_parse("--max-memory-frames", "4"), "stcn") == {"max_memory_frames": 4}
 
 
 @pytest.mark.parametrize(
@@ -130,9 +130,8 @@ def test_for_architecture_keeps_shared_options_and_those_of_the_architecture():
     from corrvos.tracker_options import for_architecture
 
     options = tracker_options(_parse("--top-k", "4", "--max-memory-frames", "3", "--num-prototypes", "8", "--no-long-term"))
-    assert for_architecture(options, "stcn") == {"top_k": 4, "max_memory_frames": 3, "precision": "fp32"}
-    assert for_architecture(options, "xmem") == {"top_k": 4, "num_prototypes": 8, "enable_long_term": False,
-                                                 "precision": "fp32"}
+    assert for_architecture(options, "stcn") == {"top_k": 4, "max_memory_frames": 3}
+    assert for_architecture(options, "xmem") == {"top_k": 4, "num_prototypes": 8, "enable_long_term": False}
 
 
 def test_app_command_line_checks_the_options(capsys):
