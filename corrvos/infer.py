@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from corrvos.errors import CheckpointError, CorrvosError, InputError
-from corrvos.precision import check_precision
-from corrvos.tracker_options import add_tracker_arguments, tracker_options
+from corrvos.tracker_options import add_tracker_arguments, run_device, tracker_options
 
 OVERLAY_NAME = "overlay.mp4"
 
@@ -145,15 +144,11 @@ def run(args: argparse.Namespace) -> Path:
     start = order[0]
     later = {t - start: m for t, m in zip(order[1:], compact[1:])}
 
-    import torch
     from tqdm import tqdm
 
     import corrvos
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA GPU is available here; use --device cpu.")
-    check_precision(args.precision, device)
+    device = run_device(args)
     model = corrvos.load_model(args.checkpoint, device=device)
     size = model.preferred_size if args.size is None else (None if args.size == -1 else args.size)
     tracker = corrvos.Tracker(

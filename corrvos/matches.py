@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from corrvos.errors import CheckpointError, CorrvosError, InputError
-from corrvos.tracker_options import add_tracker_arguments, for_architecture, tracker_options
+from corrvos.tracker_options import add_tracker_arguments, for_architecture, run_device, tracker_options
 
 PANEL_COLUMNS = 4
 
@@ -126,13 +126,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     from tqdm import tqdm
 
     import corrvos
-    from corrvos.precision import check_precision
     from corrvos.viz.affinity_view import render_affinity, stack_rows
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA GPU is available here; use --device cpu.")
-    check_precision(args.precision, device)
+    device = run_device(args)
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -141,14 +137,14 @@ def run(args: argparse.Namespace) -> list[dict]:
     frame_of = list(range(start, args.frame + 1))
     models = {ckpt: corrvos.load_model(ckpt, device=device) for ckpt in args.checkpoint}
     archs = {model.config.arch for model in models.values()}
-    if len(archs) == 1:  # an option for the other architecture is a mistake, not something to drop quietly
-        tracker_options(args, archs.pop())
+    # An option for the other architecture is a mistake, not something to drop quietly, unless both are given.
+    options = tracker_options(args, next(iter(archs)) if len(archs) == 1 else None)
     views = {}  # checkpoint -> one AffinityView per point
     for ckpt, model in models.items():
         size = model.preferred_size if args.size is None else (None if args.size == -1 else args.size)
-        options = for_architecture(tracker_options(args), model.config.arch)
         # Only the query frame's read is inspected: keep the cache for the last frame alone.
-        tracker = corrvos.Tracker(model, device=device, size=size, match_cache_frames=1, **options)
+        tracker = corrvos.Tracker(model, device=device, size=size, match_cache_frames=1,
+                                  **for_architecture(options, model.config.arch))
         labels: list[np.ndarray | None] = [None] * n
         for t, m in zip(order, compact):
             labels[t] = m

@@ -110,6 +110,20 @@ def tracker_options(args: argparse.Namespace, arch: str | None = None) -> dict:
 
 
 
+def run_device(args: argparse.Namespace) -> str:
+    """The device a command runs its models on: ``--device``, else cuda when available. Raises InputError for a GPU
+    that is not there and for a ``--precision`` the device cannot run (before any model is loaded)."""
+    import torch
+
+    from corrvos.precision import check_precision
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device} was asked for but no CUDA GPU is available here; use --device cpu.")
+    check_precision(args.precision, device)
+    return device
+
+
 def for_architecture(options: dict, arch: str) -> dict:
     """``options`` without the other architecture's keys: for a program that runs STCN and XMem models side by side."""
     other = {_dest(o.flag) for o in _INT_OPTIONS if o.arch not in (None, arch)}

@@ -141,3 +141,15 @@ def test_app_command_line_checks_the_options(capsys):
         app_main(["--mem-every", "0", "--device", "cpu"])
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip() == "error: --mem-every must be at least 1, not 0."
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_run_device_refuses_a_missing_gpu_and_defaults_to_the_cpu():
+    from corrvos.tracker_options import run_device
+
+    args = _parse()
+    args.device = None
+    assert run_device(args) == "cpu"
+    args.device = "cuda:0"
+    with pytest.raises(InputError, match=r"^--device cuda:0 was asked for but no CUDA GPU is available here; use --device cpu\.$"):
+        run_device(args)

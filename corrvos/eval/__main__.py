@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from corrvos.errors import CorrvosError, InputError
-from corrvos.tracker_options import add_tracker_arguments, given_tracker_options, tracker_options
+from corrvos.tracker_options import add_tracker_arguments, given_tracker_options, run_device, tracker_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,15 +115,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_model(args, split, results_dir: Path, progress: bool):
-    import torch
-
     from corrvos import load_model
     from corrvos.eval.predict import predict_split
 
-    from corrvos.precision import check_precision
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    check_precision(args.precision, device)
+    device = run_device(args)
     model = load_model(args.checkpoint, device=device)
     options = tracker_options(args, model.config.arch)
     hook = recorder = None

@@ -79,16 +79,9 @@ def predict_split(
                         f"the first annotation of {seq!r} is {first.shape[0]}x{first.shape[1]} but its frames are "
                         f"{image.shape[0]}x{image.shape[1]}; the DAVIS folder mixes resolutions."
                     )
-                if on_gpu:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                with torch.inference_mode():
-                    prob = tracker.step(image, first if t == 0 else None, last=t == len(frames) - 1)
-                    # labels_from maps channels back to the GT's object ids (also non-contiguous ones).
-                    labels_np = tracker.labels_from(prob)
-                if on_gpu:
-                    torch.cuda.synchronize()
-                stats.model_seconds += time.perf_counter() - start
+                labels_np, seconds = timed_step(tracker, image, first if t == 0 else None, last=t == len(frames) - 1,
+                                                on_gpu=on_gpu)
+                stats.model_seconds += seconds
                 write_mask(seq_dir / f"{names[t]}.png", labels_np)
                 if on_frame is not None:
                     on_frame(seq, t, tracker, labels_np)
@@ -98,6 +91,21 @@ def predict_split(
     finally:
         bar.close()
     return stats
+
+
+def timed_step(tracker, image: np.ndarray, mask: np.ndarray | None, objects: list[int] | None = None, *,
+               last: bool, on_gpu: bool) -> tuple[np.ndarray, float]:
+    """``Tracker.step`` and the labels on the CPU, timed as upstream times a frame: (labels, seconds)."""
+    if on_gpu:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        prob = tracker.step(image, mask, objects, last=last)
+        # labels_from maps channels back to the mask's object ids (also non-contiguous ones).
+        labels = tracker.labels_from(prob)
+    if on_gpu:
+        torch.cuda.synchronize()
+    return labels, time.perf_counter() - start
 
 
 def tracker_device_is_cuda(tracker: object, requested: str | torch.device | None) -> bool:

@@ -17,15 +17,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from corrvos.errors import CheckpointError, CorrvosError, DatasetError, InputError
-from corrvos.tracker_options import add_tracker_arguments, tracker_options
+from corrvos.tracker_options import add_tracker_arguments, run_device, tracker_options
+
+if TYPE_CHECKING:  # predict imports torch; the command line checks its arguments first
+    from corrvos.eval.predict import RunStats
 
 
 @dataclass(frozen=True)
@@ -76,31 +79,19 @@ def open_youtube(root: str | os.PathLike, split: str = "valid", all_frames: bool
     return out
 
 
-@dataclass
-class YouTubeStats:
-    videos: int = 0
-    frames: int = 0
-    written: int = 0
-    model_seconds: float = 0.0
-
-    @property
-    def fps(self) -> float:
-        return self.frames / self.model_seconds if self.model_seconds > 0 else float("nan")
-
-
 def predict_youtube(videos: list[YouTubeVideo], model, out: str | os.PathLike, device=None, size: int | None = 480,
-                    progress: bool = True, **tracker_kwargs) -> YouTubeStats:
-    """Segment every video; writes ``out/Annotations/<video>/<frame>.png`` for each scored frame."""
-    import torch
+                    progress: bool = True, **tracker_kwargs) -> RunStats:
+    """Segment every video; writes ``out/Annotations/<video>/<frame>.png`` for each scored frame. The stats count
+    the frames that went through the model (frames before a video's first annotation do not)."""
     from tqdm import tqdm
 
     from corrvos import Tracker
-    from corrvos.eval.predict import tracker_device_is_cuda
+    from corrvos.eval.predict import RunStats, timed_step, tracker_device_is_cuda
     from corrvos.io.masks import read_mask, write_mask
     from corrvos.io.video import ImageFolderFrames
 
     out = Path(out) / "Annotations"
-    stats = YouTubeStats()
+    stats = RunStats()
     tracker_kwargs.setdefault("match_cache_frames", 0)
     bar = tqdm(total=sum(len(v.run) for v in videos), desc="segmenting", unit="frame", disable=not progress)
     try:
@@ -113,7 +104,6 @@ def predict_youtube(videos: list[YouTubeVideo], model, out: str | os.PathLike, d
             tracker = Tracker(model, device=device, size=size, **tracker_kwargs)
             on_gpu = tracker_device_is_cuda(tracker, device)
             bar.set_postfix_str(video.name)
-            empty = None
             for t, stem in enumerate(video.run):
                 image = frames[index[stem]]  # decoding is I/O: outside the timed region
                 mask = new_ids = None
@@ -128,24 +118,16 @@ def predict_youtube(videos: list[YouTubeVideo], model, out: str | os.PathLike, d
                     if not new_ids:
                         mask = None
                 if mask is None and tracker.num_objects == 0:
-                    labels = empty if empty is not None else np.zeros(image.shape[:2], np.uint8)
-                    empty = labels
+                    labels = np.zeros(image.shape[:2], np.uint8)  # no object has appeared yet
                 else:
-                    if on_gpu:
-                        torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    with torch.inference_mode():
-                        prob = tracker.step(image, mask, new_ids, last=t == len(video.run) - 1)
-                        labels = tracker.labels_from(prob)
-                    if on_gpu:
-                        torch.cuda.synchronize()
-                    stats.model_seconds += time.perf_counter() - start
+                    labels, seconds = timed_step(tracker, image, mask, new_ids, last=t == len(video.run) - 1,
+                                                 on_gpu=on_gpu)
+                    stats.model_seconds += seconds
                     stats.frames += 1
                 if stem in scored:
                     write_mask(folder / f"{stem}.png", labels)
-                    stats.written += 1
                 bar.update(1)
-            stats.videos += 1
+            stats.sequences += 1
     finally:
         bar.close()
     return stats
@@ -188,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> YouTubeStats:
+def run(args: argparse.Namespace) -> tuple[list[YouTubeVideo], RunStats]:
     if not args.checkpoint.is_file():
         raise CheckpointError(f"the checkpoint {args.checkpoint} does not exist; give the path of a .safetensors or .pth file.")
     if args.size is not None and args.size != 0 and args.size < 16:
@@ -197,29 +179,25 @@ def run(args: argparse.Namespace) -> YouTubeStats:
     wanted = [v.strip() for v in args.videos.split(",") if v.strip()] if args.videos else None
     videos = open_youtube(args.root, args.split, args.all_frames, wanted)
 
-    import torch
-
     from corrvos import load_model
-    from corrvos.precision import check_precision
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    check_precision(args.precision, device)
+    device = run_device(args)
     model = load_model(args.checkpoint, device=device)
     options = tracker_options(args, model.config.arch)
     size = model.preferred_size if args.size is None else (args.size or None)
     stats = predict_youtube(videos, model, args.out, device=device, size=size, progress=not args.no_progress, **options)
     zip_submission(args.out)
-    return stats
+    return videos, stats
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        stats = run(args)
+        videos, stats = run(args)
     except CorrvosError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{stats.videos} videos: {stats.written} masks written to {args.out / 'Annotations'} and "
+    print(f"{stats.sequences} videos: {sum(len(v.scored) for v in videos)} masks written to {args.out / 'Annotations'} and "
           f"{args.out / 'submission.zip'}; {stats.frames} frames through the model at {stats.fps:.2f} FPS "
           "(amortised, I/O excluded)")
     return 0
