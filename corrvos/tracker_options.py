@@ -49,6 +49,10 @@ def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
+# Tracker keyword -> (its flag, the architecture it configures; None: both).
+_KEYWORDS = {_dest(o.flag): (o.flag, o.arch) for o in _INT_OPTIONS} | {"enable_long_term": ("--no-long-term", "xmem")}
+
+
 def add_tracker_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the memory and precision options (one argument group) to ``parser``."""
     group = parser.add_argument_group("memory and precision")
@@ -83,15 +87,14 @@ def tracker_options(args: argparse.Namespace, arch: str | None = None) -> dict:
         if value < opt.minimum:
             raise InputError(f"{opt.flag} must be at least {opt.minimum}, not {value}.")
         options[_dest(opt.flag)] = value
-    xmem_given = [o.flag for o in _INT_OPTIONS if o.arch == "xmem" and _dest(o.flag) in options]
     if args.no_long_term:
-        xmem_given.append("--no-long-term")
         options["enable_long_term"] = False
     if arch is not None:
-        for other, flags in (("xmem", xmem_given), ("stcn", [f for f in ("--max-memory-frames",) if _dest(f) in options])):
-            if other != arch and flags:
+        for key in options:
+            flag, other = _KEYWORDS[key]
+            if other not in (None, arch):
                 raise InputError(
-                    f"{flags[0]} configures {_ARCH_NAMES[other]}'s memory, but this is an {_ARCH_NAMES[arch]} model; drop it."
+                    f"{flag} configures {_ARCH_NAMES[other]}'s memory, but this is an {_ARCH_NAMES[arch]} model; drop it."
                 )
     from corrvos.inference.tracker import Tracker
 
@@ -107,7 +110,6 @@ def tracker_options(args: argparse.Namespace, arch: str | None = None) -> dict:
     if args.precision != "fp32":  # fp32 is the Tracker's default: left out like every option not given
         options["precision"] = args.precision
     return options
-
 
 
 def run_device(args: argparse.Namespace) -> str:
@@ -126,7 +128,4 @@ def run_device(args: argparse.Namespace) -> str:
 
 def for_architecture(options: dict, arch: str) -> dict:
     """``options`` without the other architecture's keys: for a program that runs STCN and XMem models side by side."""
-    other = {_dest(o.flag) for o in _INT_OPTIONS if o.arch not in (None, arch)}
-    if arch == "stcn":
-        other.add("enable_long_term")
-    return {k: v for k, v in options.items() if k not in other}
+    return {k: v for k, v in options.items() if _KEYWORDS.get(k, (None, None))[1] in (None, arch)}
