@@ -10,7 +10,7 @@ from pathlib import Path
 from app.session import AppConfig, default_device
 from corrvos.errors import InputError
 from corrvos.precision import check_precision
-from corrvos.tracker_options import add_tracker_arguments, tracker_options
+from corrvos.tracker_options import add_size_argument, add_tracker_arguments, tracker_options
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,9 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--checkpoints", type=Path, default=None,
                     help="checkpoint folder (default: $CORRVOS_CHECKPOINTS or ./checkpoints)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    ap.add_argument("--size", type=int, default=None,
-                    help="processing size (shorter side; default: each checkpoint's training scale, 192 for the shipped "
-                         "models (trained on 160-pixel crops), 480 for upstream ones); 0 = input size")
+    add_size_argument(ap, "each checkpoint's training scale, 192 for the shipped models (trained on 160-pixel crops), "
+                          "480 for upstream ones")
     ap.add_argument("--max-frames", type=int, default=None, help="frame cap (default 100 on CPU, 1500 on GPU)")
     ap.add_argument("--max-file-size", default="500mb", help="upload size limit (default 500mb)")
     add_tracker_arguments(ap)  # for both models; each gets the options of its architecture

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from corrvos.errors import CheckpointError, CorrvosError, InputError
-from corrvos.tracker_options import add_tracker_arguments, run_device, tracker_options
+from corrvos.tracker_options import add_size_argument, add_tracker_arguments, processing_size, run_device, tracker_options
 
 OVERLAY_NAME = "overlay.mp4"
 
@@ -49,9 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="where the model runs (default: cuda when available, else cpu)")
-    p.add_argument("--size", type=int, default=None,
-                   help="internal processing size of the short side; -1 keeps the input size (default: the "
-                        "checkpoint's training scale, 480 for upstream models). Masks are always written at the input size")
+    add_size_argument(p)
     p.add_argument("--fps", type=float, default=None,
                    help="frame rate of overlay.mp4 (default: the video's, or 24 for frame folders and zips)")
     p.add_argument("--no-video", action="store_true",
@@ -113,8 +111,6 @@ def read_given_masks(path: Path, names: Sequence[str], size: tuple[int, int]) ->
 
 
 def _validate_args(args: argparse.Namespace) -> None:
-    if args.size is not None and args.size != -1 and args.size < 16:
-        raise InputError(f"--size {args.size} is too small; use a short side of at least 16 pixels, or -1 for the input size.")
     tracker_options(args)  # value errors before anything is read; the architecture is checked once loaded
     if args.fps is not None and args.fps <= 0:
         raise InputError(f"--fps must be positive, not {args.fps}.")
@@ -150,9 +146,8 @@ def run(args: argparse.Namespace) -> Path:
 
     device = run_device(args)
     model = corrvos.load_model(args.checkpoint, device=device)
-    size = model.preferred_size if args.size is None else (None if args.size == -1 else args.size)
     tracker = corrvos.Tracker(
-        model, device=device, size=size,
+        model, device=device, size=processing_size(args.size, model.preferred_size),
         match_cache_frames=0,  # the CLI never asks for matches: keep no per-frame caches for them
         **tracker_options(args, model.config.arch),
     )

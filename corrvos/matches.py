@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from corrvos.errors import CheckpointError, CorrvosError, InputError
-from corrvos.tracker_options import add_tracker_arguments, for_architecture, run_device, tracker_options
+from corrvos.tracker_options import (
+    add_size_argument, add_tracker_arguments, for_architecture, processing_size, run_device, tracker_options,
+)
 
 PANEL_COLUMNS = 4
 
@@ -47,9 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="where the models run (default: cuda when available, else cpu)")
-    p.add_argument("--size", type=int, default=None,
-                   help="processing size of the short side; -1 keeps the input size (default: each checkpoint's "
-                        "training scale)")
+    add_size_argument(p, "each checkpoint's training scale")
     add_tracker_arguments(p)
     return p
 
@@ -83,8 +83,6 @@ def tile(images: list[np.ndarray], columns: int = PANEL_COLUMNS, gap: int = 4) -
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if args.size is not None and args.size != -1 and args.size < 16:
-        raise InputError(f"--size {args.size} is too small; use a short side of at least 16 pixels, or -1 for the input size.")
     if args.frame < 0:
         raise InputError(f"--frame must be 0 or more, not {args.frame}.")
     stems = [c.stem for c in args.checkpoint]
@@ -141,7 +139,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     options = tracker_options(args, next(iter(archs)) if len(archs) == 1 else None)
     views = {}  # checkpoint -> one AffinityView per point
     for ckpt, model in models.items():
-        size = model.preferred_size if args.size is None else (None if args.size == -1 else args.size)
+        size = processing_size(args.size, model.preferred_size)
         # Only the query frame's read is inspected: keep the cache for the last frame alone.
         tracker = corrvos.Tracker(model, device=device, size=size, match_cache_frames=1,
                                   **for_architecture(options, model.config.arch))

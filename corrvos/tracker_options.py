@@ -1,4 +1,4 @@
-"""The Tracker's memory and precision settings as command-line options, shared by infer, eval and bench.
+"""The Tracker's memory, precision and size settings as command-line options, shared by infer, eval, bench and the app.
 
 No torch at import time: the command lines check their arguments before loading it.
 
@@ -62,6 +62,41 @@ def add_tracker_arguments(parser: argparse.ArgumentParser) -> None:
                        help="XMem: no long-term memory (working memory grows without bound; upstream --disable_long_term)")
     group.add_argument("--precision", choices=PRECISIONS, default="fp32",
                        help="fp32, or bf16/fp16: the network under autocast, the memory kept in fp32 (default: fp32)")
+
+
+MIN_SIZE = 16  # one stride-16 feature cell: anything smaller has no key map at all
+
+
+def _size_value(text: str) -> int:
+    """argparse type of ``--size``: a shorter side in pixels, or 0 for the input size (-1 is accepted as 0)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size takes a whole number of pixels, not {text!r}") from None
+    if value in (0, -1):
+        return 0
+    if value < MIN_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"--size {value} is too small; use a shorter side of at least {MIN_SIZE} pixels, or 0 for the input size"
+        )
+    return value
+
+
+def add_size_argument(parser: argparse.ArgumentParser, default_help: str = "the checkpoint's training scale, "
+                      "480 for upstream files") -> None:
+    """Add ``--size`` (the Tracker's processing size), the same for every command: masks always come back at the
+    input size; 0 (or -1, the older spelling of infer and matches) keeps the input size."""
+    parser.add_argument("--size", type=_size_value, default=None, metavar="PIXELS",
+                        help=f"shorter side the tracker resizes frames to; 0 keeps the input size (default: {default_help}). "
+                             "Masks are always written at the input size")
+
+
+def processing_size(size: int | None, preferred: int | None) -> int | None:
+    """The Tracker's ``size`` for a parsed ``--size``: the model's ``preferred`` size when not given, None (the input
+    size) for 0."""
+    if size is None:
+        return preferred
+    return size or None
 
 
 def given_tracker_options(args: argparse.Namespace) -> list[str]:

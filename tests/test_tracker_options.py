@@ -153,3 +153,50 @@ def test_run_device_refuses_a_missing_gpu_and_defaults_to_the_cpu():
     args.device = "cuda:0"
     with pytest.raises(InputError, match=r"^--device cuda:0 was asked for but no CUDA GPU is available here; use --device cpu\.$"):
         run_device(args)
+
+
+def _size_parsers():
+    from corrvos.eval.__main__ import build_parser as eval_parser
+    from corrvos.eval.youtube import build_parser as youtube_parser
+    from corrvos.infer import build_parser as infer_parser
+    from corrvos.matches import build_parser as matches_parser
+
+    return {"infer": infer_parser(), "matches": matches_parser(), "eval": eval_parser(), "youtube": youtube_parser()}
+
+
+@pytest.mark.parametrize("command", ["infer", "matches", "eval", "youtube"])
+def test_size_means_the_same_in_every_command(command, capsys):
+    from corrvos.tracker_options import processing_size
+
+    parser = _size_parsers()[command]
+    size_of = {a.dest: a for a in parser._actions}["size"].type
+    # 0 is the input size everywhere; -1, infer's and matches' older spelling, still works in all of them.
+    assert size_of("0") == size_of("-1") == 0
+    assert processing_size(size_of("0"), preferred=192) is None
+    assert processing_size(size_of("240"), preferred=192) == 240
+    assert processing_size(None, preferred=192) == 192
+    for bad in ("8", "-5", "big"):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_known_args(["--size", bad])
+        assert exc.value.code == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "--size" in last and ("at least 16 pixels" in last or "whole number" in last)
+
+
+def test_app_size_zero_is_the_input_size(monkeypatch):
+    import app.__main__ as app_cli
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_build_demo(config):
+        seen["size"] = config.size
+        raise Stop
+
+    monkeypatch.setattr("app.ui.build_demo", fake_build_demo)
+    for argv, expected in ((["--size", "-1"], None), (["--size", "0"], None), (["--size", "320"], 320), ([], "auto")):
+        with pytest.raises(Stop):
+            app_cli.main(["--device", "cpu", *argv])
+        assert seen["size"] == expected

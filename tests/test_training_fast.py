@@ -174,8 +174,6 @@ def test_pack_and_recipe_planning(davis2016_root, tmp_path):
     snaps(slow, [(0, 25), (0, 30), (1, 25)])
     lone = Arm("xmem-s", "baseline", (10, 10))
     snaps(lone, [(0, 10)])
-    import argparse
-
     from corrvos.training.recipe import build_parser
 
     args = build_parser().parse_args(["run", "--data", str(out), "--out", str(tmp_path / "OUT"), "--seed", "1",

@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 
 from corrvos.errors import CorrvosError, InputError
-from corrvos.tracker_options import add_tracker_arguments, given_tracker_options, run_device, tracker_options
+from corrvos.tracker_options import (
+    add_size_argument, add_tracker_arguments, given_tracker_options, processing_size, run_device, tracker_options,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,9 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, default=None,
                     help="where --checkpoint writes its PNGs (default: outputs/eval/<checkpoint>_davis<year>_<split>)")
     ap.add_argument("--device", default=None, help="torch device for --checkpoint (default: cuda if available)")
-    ap.add_argument("--size", type=int, default=None,
-                    help="shorter side the tracker resizes frames to (0 = original size; default: the checkpoint's "
-                         "training scale, 480 for upstream files and models trained on 384 crops)")
+    add_size_argument(ap, "the checkpoint's training scale, 480 for upstream files and models trained on 384 crops")
     ap.add_argument("--correspondence", action="store_true",
                     help="with --checkpoint: also report mask precision@k and cycle consistency of the affinity")
     ap.add_argument("--record", action="store_true",
@@ -127,7 +127,7 @@ def _run_model(args, split, results_dir: Path, progress: bool):
 
         recorder = CorrespondenceRecorder(split, k=args.k)
         hook = recorder.on_frame
-    size = model.preferred_size if args.size is None else (args.size or None)
+    size = processing_size(args.size, model.preferred_size)
     print(f"{args.checkpoint.name}: processing at {f'{size}p' if size else 'the original size'} on {device}")
     stats = predict_split(split, model, results_dir, device=device, size=size,
                           progress=progress, on_frame=hook, **options)

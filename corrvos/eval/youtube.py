@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from corrvos.errors import CheckpointError, CorrvosError, DatasetError, InputError
-from corrvos.tracker_options import add_tracker_arguments, run_device, tracker_options
+from corrvos.errors import CheckpointError, CorrvosError, DatasetError
+from corrvos.tracker_options import add_size_argument, add_tracker_arguments, processing_size, run_device, tracker_options
 
 if TYPE_CHECKING:  # predict imports torch; the command line checks its arguments first
     from corrvos.eval.predict import RunStats
@@ -162,9 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run on the scored (every 5th) frames only")
     p.add_argument("--videos", default=None, help="comma-separated subset of the videos")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
-    p.add_argument("--size", type=int, default=None,
-                   help="shorter side the tracker resizes frames to (0 = original size; default: the checkpoint's "
-                        "training scale, 480 for upstream files)")
+    add_size_argument(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_tracker_arguments(p)
     return p
@@ -173,8 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> tuple[list[YouTubeVideo], RunStats]:
     if not args.checkpoint.is_file():
         raise CheckpointError(f"the checkpoint {args.checkpoint} does not exist; give the path of a .safetensors or .pth file.")
-    if args.size is not None and args.size != 0 and args.size < 16:
-        raise InputError(f"--size {args.size} is too small; use a shorter side of at least 16 pixels, or 0 for the original size.")
     tracker_options(args)
     wanted = [v.strip() for v in args.videos.split(",") if v.strip()] if args.videos else None
     videos = open_youtube(args.root, args.split, args.all_frames, wanted)
@@ -184,7 +180,7 @@ def run(args: argparse.Namespace) -> tuple[list[YouTubeVideo], RunStats]:
     device = run_device(args)
     model = load_model(args.checkpoint, device=device)
     options = tracker_options(args, model.config.arch)
-    size = model.preferred_size if args.size is None else (args.size or None)
+    size = processing_size(args.size, model.preferred_size)
     stats = predict_youtube(videos, model, args.out, device=device, size=size, progress=not args.no_progress, **options)
     zip_submission(args.out)
     return videos, stats
