@@ -47,6 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --checkpoint: write the masks and stop, for splits scored elsewhere (DAVIS-2017 test-dev "
                          "on CodaLab, whose annotations stop at the first frame)")
     ap.add_argument("--k", type=int, default=10, help="k of mask precision@k (default 10)")
+    lp = ap.add_argument_group("key space alone (correspondence-learning protocol)")
+    lp.add_argument("--label-propagation", action="store_true",
+                    help="with --checkpoint: propagate the first-frame labels through the model's affinity only (the "
+                         "first frame and the last --context predicted frames, top-k weights, no value encoder or "
+                         "decoder) and score that: how good the key space is as a correspondence")
+    lp.add_argument("--context", type=int, default=None, metavar="N",
+                    help="--label-propagation: recent frames read besides the first (default: 20)")
+    lp.add_argument("--radius", type=int, default=None, metavar="CELLS",
+                    help="--label-propagation: read only memory positions within this many stride-16 cells "
+                         "(default: no limit, like the memory read)")
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                     help="processes scoring sequences in parallel (default: min(4, CPUs))")
     ap.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -55,7 +65,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _default_out(args: argparse.Namespace, year: str) -> Path:
-    return Path("outputs") / "eval" / f"{args.checkpoint.stem}_davis{year}_{args.split}"
+    suffix = "_labelprop" if args.label_propagation else ""
+    return Path("outputs") / "eval" / f"{args.checkpoint.stem}_davis{year}_{args.split}{suffix}"
+
+
+def _check_label_propagation(args: argparse.Namespace, changed: list[str]) -> None:
+    if not args.label_propagation:
+        for flag, value in (("--context", args.context), ("--radius", args.radius)):
+            if value is not None:
+                raise InputError(f"{flag} sets the key-space label propagation; add --label-propagation or drop it.")
+        return
+    if args.checkpoint is None or args.record or args.correspondence or args.predict_only:
+        raise InputError("--label-propagation runs --checkpoint's key space in place of the model, so it needs "
+                         "--checkpoint and excludes --record, --correspondence and --predict-only.")
+    memory = [flag for flag in changed if flag not in ("--top-k", "--precision")]
+    if memory:
+        raise InputError(f"{memory[0]} configures the model's memory, which --label-propagation does not use; drop it.")
+    if args.context is not None and args.context < 0:
+        raise InputError(f"--context must be at least 0, not {args.context}.")
+    if args.radius is not None and args.radius < 0:
+        raise InputError(f"--radius must be at least 0, not {args.radius}.")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     if args.predict_only and (args.checkpoint is None or args.record or args.correspondence):
         raise InputError("--predict-only runs --checkpoint and scores nothing, so it needs --checkpoint and "
                          "excludes --record and --correspondence.")
+    _check_label_propagation(args, changed)
     tracker_options(args)  # value errors before the dataset is opened
     start = time.perf_counter()
     sequences = [s.strip() for s in args.sequences.split(",") if s.strip()] if args.sequences else None
@@ -127,8 +157,14 @@ def _run_model(args, split, results_dir: Path, progress: bool):
 
         recorder = CorrespondenceRecorder(split, k=args.k)
         hook = recorder.on_frame
+    if args.label_propagation:
+        from corrvos.eval.label_propagation import DEFAULT_CONTEXT, LabelPropagator
+
+        options.update(tracker_class=LabelPropagator, radius=args.radius,
+                       context=DEFAULT_CONTEXT if args.context is None else args.context)
     size = processing_size(args.size, model.preferred_size)
-    print(f"{args.checkpoint.name}: processing at {f'{size}p' if size else 'the original size'} on {device}")
+    what = "label propagation through the key space" if args.label_propagation else "processing"
+    print(f"{args.checkpoint.name}: {what} at {f'{size}p' if size else 'the original size'} on {device}")
     stats = predict_split(split, model, results_dir, device=device, size=size,
                           progress=progress, on_frame=hook, **options)
     return stats, recorder, size

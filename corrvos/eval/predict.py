@@ -48,13 +48,20 @@ def predict_split(
     size: int | None = 480,
     progress: bool = True,
     on_frame: FrameHook | None = None,
+    tracker_class: type | None = None,
     **tracker_kwargs,
 ) -> RunStats:
-    """Segment every sequence of ``split`` from its first GT mask; PNGs go to ``out_dir/<seq>/<frame>.png``."""
+    """Segment every sequence of ``split`` from its first GT mask; PNGs go to ``out_dir/<seq>/<frame>.png``.
+
+    ``tracker_class`` (default :class:`~corrvos.Tracker`) is built per sequence with the model, device, size and
+    ``tracker_kwargs``; e.g. :class:`~corrvos.eval.label_propagation.LabelPropagator`.
+    """
     from tqdm import tqdm
 
     from corrvos import Tracker
     from corrvos.io.masks import write_mask
+
+    tracker_class = tracker_class or Tracker
 
     out_dir = Path(out_dir)
     stats = RunStats()
@@ -69,7 +76,7 @@ def predict_split(
             seq_dir.mkdir(parents=True, exist_ok=True)
             # The match cache only serves the per-frame hook (correspondence metrics need frame t's read).
             tracker_kwargs.setdefault("match_cache_frames", 1 if on_frame is not None else 0)
-            tracker = Tracker(model, device=device, size=size, **tracker_kwargs)
+            tracker = tracker_class(model, device=device, size=size, **tracker_kwargs)
             on_gpu = tracker_device_is_cuda(tracker, device)
             bar.set_postfix_str(seq)
             for t in range(len(frames)):

@@ -404,7 +404,12 @@ class Tracker:
                 mem.hidden = _float(new_hidden)
             self.last_mem_t = t
 
-        out = unpad(prob_with_bg, geometry.pad)
+        return self._to_input(prob_with_bg, geometry)
+
+    @staticmethod
+    def _to_input(prob: Tensor, geometry: FrameGeometry) -> Tensor:
+        """``(K+1, Hp, Wp)`` probabilities on the padded network input -> ``(K+1, H, W)`` at the input size."""
+        out = unpad(prob, geometry.pad)
         if geometry.resized:
             out = F.interpolate(out.unsqueeze(0), size=geometry.input_size, mode="bilinear", align_corners=False)[0]
         return out
