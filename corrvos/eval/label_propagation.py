@@ -131,15 +131,16 @@ class LabelPropagator(Tracker):
         sim = similarity(mem_key[None], key[None], None if mem_shrinkage is None else mem_shrinkage[None],
                          None if selection is None else selection[None])  # (1, N, M)
         if self.radius is not None:
-            sim = sim.masked_fill(~_within(grid, len(memory), self.radius, sim.device)[None], float("-inf"))
+            m = key.shape[1]  # every memory frame has the query's grid: mask each frame's (M, M) block alike
+            far = ~_within(grid, self.radius, sim.device)
+            sim = sim.view(len(memory), m, m).masked_fill(far, float("-inf")).view(1, -1, m)
         affinity = softmax_affinity(sim, self.top_k)[0]  # (N, M)
         return mem_labels @ affinity
 
 
-def _within(grid: tuple[int, int], frames: int, radius: int, device: torch.device) -> Tensor:
-    """``(frames * h * w, h * w)`` bool: memory position within ``radius`` cells of the query position."""
+def _within(grid: tuple[int, int], radius: int, device: torch.device) -> Tensor:
+    """``(h * w, h * w)`` bool: memory position (row) within ``radius`` cells of query position (column)."""
     h, w = grid
     idx = torch.arange(h * w, device=device)
     rows, cols = idx // w, idx % w
-    near = torch.maximum((rows[:, None] - rows[None]).abs(), (cols[:, None] - cols[None]).abs()) <= radius
-    return near.repeat(frames, 1)
+    return torch.maximum((rows[:, None] - rows[None]).abs(), (cols[:, None] - cols[None]).abs()) <= radius
