@@ -4,7 +4,8 @@ No torch at import time: the command lines check their arguments before loading 
 
 Names follow XMem's and STCN's evaluation scripts where they exist (``--mem-every``, ``--top-k``,
 ``--max-memory-frames`` for STCN; ``--min-working-frames`` / ``--max-working-frames`` are upstream's
-``--min_mid_term_frames`` / ``--max_mid_term_frames``, ``--no-long-term`` its ``--disable_long_term``).
+``--min_mid_term_frames`` / ``--max_mid_term_frames``, ``--no-long-term`` its ``--disable_long_term``,
+``--deep-update-every`` its ``--deep_update_every``).
 Options for the other architecture are refused once the model is known, so a flag is never silently ignored.
 """
 from __future__ import annotations
@@ -39,6 +40,9 @@ _INT_OPTIONS = (
             "XMem: working-memory frames that trigger a consolidation into long-term memory "
             "(upstream max_mid_term_frames; default: 10)", arch="xmem", minimum=2),
     _Option("--num-prototypes", "XMem: prototypes kept per consolidation (default: 128)", arch="xmem"),
+    _Option("--deep-update-every",
+            "XMem: deep-update the sensory memory at most every N frames, on memory frames, the decoder updating it "
+            "on every frame (upstream --deep_update_every; default: with every memory frame)", arch="xmem"),
     _Option("--max-long-term-elements", "XMem: long-term memory cap in elements (default: 10000)",
             arch="xmem", minimum=2),
 )

@@ -139,6 +139,53 @@ def test_xmem_memory_frames_are_relative_and_last_is_not_memory():
     assert tracker.memory.working_frame_indices == [0, 5, 7, 12, 17]  # 20 is last
 
 
+def _upstream_hidden_updates(n: int, mem_every: int, deep_update_every: int, masks: set[int]):
+    """XMem's InferenceCore.step rule, written out: per frame, (decoder updates the hidden state, memory frame
+    deep-updates it), None where the part does not run. ``masks``: frames given a mask of every object."""
+    sync = deep_update_every < 0
+    last_mem, last_deep, out = 0, -deep_update_every, []
+    for t in range(n):
+        end = t == n - 1
+        is_mem = (t - last_mem >= mem_every or t in masks) and not end
+        is_deep = ((sync and is_mem) or (not sync and t - last_deep >= deep_update_every)) and not end
+        is_normal = (not sync or not is_deep) and not end
+        decoded = is_normal if t not in masks else None  # a mask of every object: nothing to segment
+        deep = is_deep if is_mem else None
+        if is_mem:
+            last_mem = t
+            if is_deep:
+                last_deep = t
+        out.append((decoded, deep))
+    return out
+
+
+@pytest.mark.parametrize("deep_update_every", [-1, 1, 3, 7])
+def test_xmem_hidden_updates_follow_upstream_schedule(deep_update_every):
+    frames, labels = moving_squares(16)
+    net = FakeVOSNet("xmem")
+    calls: dict[int, list] = {}
+    decode, encode_value = net.decode, net.encode_value
+    tracker = Tracker(net, size=None, mem_every=2, deep_update_every=deep_update_every, enable_long_term=False)
+
+    def spy_decode(feats, readout, hidden=None, update_hidden=True):
+        calls.setdefault(tracker.t, [None, None])[0] = update_hidden  # step sets t before it decodes
+        return decode(feats, readout, hidden, update_hidden)
+
+    def spy_encode_value(image, feats, hidden, masks, others, deep_update=True):
+        calls.setdefault(tracker.t, [None, None])[1] = deep_update
+        return encode_value(image, feats, hidden, masks, others, deep_update=deep_update)
+
+    net.decode, net.encode_value = spy_decode, spy_encode_value
+    track(tracker, frames, {0: labels[0], 9: labels[9]})
+    got = [tuple(calls.get(t, [None, None])) for t in range(len(frames))]
+    assert got == _upstream_hidden_updates(len(frames), 2, deep_update_every, {0, 9})
+
+
+def test_deep_update_every_is_checked():
+    with pytest.raises(ValueError, match="deep_update_every"):
+        Tracker(FakeVOSNet("xmem"), deep_update_every=0)
+
+
 def test_resize_returns_input_size():
     frames, labels = moving_squares(8)
     # Upscaling (short side 120 -> 240) gives the stride-16 fake network a finer grid: better masks.

@@ -25,13 +25,15 @@ def test_defaults_leave_the_tracker_defaults():
 
 def test_given_values_become_tracker_keywords():
     args = _parse("--mem-every", "3", "--top-k", "7", "--min-working-frames", "2", "--max-working-frames", "4",
-                  "--num-prototypes", "16", "--max-long-term-elements", "500", "--precision", "bf16")
+                  "--num-prototypes", "16", "--max-long-term-elements", "500", "--deep-update-every", "6",
+                  "--precision", "bf16")
     assert tracker_options(args, "xmem") == {
         "mem_every": 3, "top_k": 7, "min_working_frames": 2, "max_working_frames": 4, "num_prototypes": 16,
-        "max_long_term_elements": 500, "precision": "bf16",
+        "deep_update_every": 6, "max_long_term_elements": 500, "precision": "bf16",
     }
     assert given_tracker_options(args) == ["--mem-every", "--top-k", "--min-working-frames", "--max-working-frames",
-                                           "--num-prototypes", "--max-long-term-elements", "--precision"]
+                                           "--num-prototypes", "--deep-update-every", "--max-long-term-elements",
+                                           "--precision"]
     assert tracker_options(_parse("--no-long-term"), "xmem") == {"enable_long_term": False}
     assert tracker_options(_parse("--max-memory-frames", "4"), "stcn") == {"max_memory_frames": 4}
 
@@ -47,6 +49,8 @@ def test_given_values_become_tracker_keywords():
         (["--max-memory-frames", "4"], "xmem", "--max-memory-frames configures STCN's memory, but this is an XMem model"),
         (["--num-prototypes", "4"], "stcn", "--num-prototypes configures XMem's memory, but this is an STCN model"),
         (["--no-long-term"], "stcn", "--no-long-term configures XMem's memory"),
+        (["--deep-update-every", "2"], "stcn", "--deep-update-every configures XMem's memory"),
+        (["--deep-update-every", "0"], None, "--deep-update-every must be at least 1, not 0."),
     ],
 )
 def test_bad_values_are_one_sentence(argv, arch, message):
@@ -87,12 +91,12 @@ def test_infer_passes_xmem_memory_options_to_the_tracker(tmp_path, monkeypatch, 
     code = infer_main(["--checkpoint", str(ckpt), "--video", str(tmp_path / "clip.mp4"), "--mask", str(tmp_path / "mask.png"),
                        "--out", str(tmp_path / "out"), "--device", "cpu", "--size", "-1", "--no-video", "--mem-every", "1",
                        "--min-working-frames", "2", "--max-working-frames", "3", "--num-prototypes", "8",
-                       "--max-long-term-elements", "40"])
+                       "--max-long-term-elements", "40", "--deep-update-every", "3"])
     assert code == 0, capfd.readouterr().err
     (tracker,) = made
     memory = tracker.memory
     assert (tracker.mem_every, memory.min_working_frames, memory.max_working_frames) == (1, 2, 3)
-    assert (memory.num_prototypes, memory.max_long_term_elements) == (8, 40)
+    assert (memory.num_prototypes, memory.max_long_term_elements, tracker.deep_update_every) == (8, 40, 3)
     assert memory.long_term.size > 0  # 8 memory frames with a working memory of 3: consolidation happened
     assert len(list((tmp_path / "out").glob("*.png"))) == 8
 

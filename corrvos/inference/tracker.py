@@ -137,6 +137,10 @@ class Tracker:
         max_memory_frames: STCN only: cap on the bank (drops the oldest frames not given a mask).
         enable_long_term, min_working_frames, max_working_frames, num_prototypes,
         max_long_term_elements: XMem memory options (upstream defaults).
+        deep_update_every: XMem: -1 (upstream's default) deep-updates the sensory memory on every memory
+            frame and lets the decoder update it on the other frames; N >= 1 is upstream's unsynchronised
+            mode: the decoder updates it on every frame but the last, and a memory frame also deep-updates
+            it when N frames have passed since the last deep update.
         match_cache_frames: how many recent frames :meth:`matches` can explain (their query keys and
             memory snapshots are kept); None keeps every frame, 0 none.
         precision: "fp32", or "bf16" / "fp16" to run the network (key and value encoders, decoder)
@@ -160,6 +164,7 @@ class Tracker:
         max_working_frames: int = 10,
         num_prototypes: int = 128,
         max_long_term_elements: int = 10000,
+        deep_update_every: int = -1,
         match_cache_frames: int | None = 300,
         precision: str = "fp32",
     ) -> None:
@@ -170,6 +175,8 @@ class Tracker:
             raise ValueError(f"unknown architecture {config.arch!r}")
         if mem_every < 1:
             raise ValueError("mem_every must be at least 1")
+        if deep_update_every != -1 and deep_update_every < 1:
+            raise ValueError("deep_update_every must be -1 (with every memory frame) or at least 1")
         if size is not None and size < 16:
             raise ValueError("size must be at least 16 (or None for no resize)")
         if device is not None:
@@ -181,6 +188,7 @@ class Tracker:
         self.mem_every = mem_every
         self.size = size
         self.max_memory_frames = max_memory_frames
+        self.deep_update_every = deep_update_every
         self.xmem_options = dict(
             enable_long_term=enable_long_term,
             min_working_frames=min_working_frames,
@@ -197,6 +205,7 @@ class Tracker:
         """Forget the video: memory, objects, cached frames."""
         self.t = -1
         self.last_mem_t = 0
+        self.last_deep_update_t = -self.deep_update_every  # unsynchronised mode: the first memory frame updates
         self.object_ids: list[int] = []
         self._geometry: FrameGeometry | None = None
         self._records: OrderedDict[int, FrameRead] = OrderedDict()
@@ -354,10 +363,11 @@ class Tracker:
         else:
             is_mem_frame = (t % self.mem_every == 0 or labels is not None) and not last
         need_segment = self.num_objects > 0 and not all_given
-        # XMem's deep update is synchronised with memory frames; other frames update the hidden state
-        # in the decoder (the last frame updates nothing).
-        is_deep_update = is_mem_frame
-        is_normal_update = not is_mem_frame and not last
+        # XMem's sensory memory: a deep update needs the value encoder, so it only happens on memory frames
+        # (all of them by default, then the decoder updates it on the others; the last frame updates nothing).
+        synchronised = self.deep_update_every == -1
+        is_deep_update = is_mem_frame and (synchronised or t - self.last_deep_update_t >= self.deep_update_every)
+        is_normal_update = (not synchronised or not is_deep_update) and not last
 
         mem = self.memory
         need_selection = is_xmem and (self.xmem_options["enable_long_term"] or need_segment)
@@ -402,6 +412,8 @@ class Tracker:
                     mem.add(t, feats.key, value, protected=labels is not None)
             if is_xmem and is_deep_update and new_hidden is not None:
                 mem.hidden = _float(new_hidden)
+            if is_deep_update:
+                self.last_deep_update_t = t
             self.last_mem_t = t
 
         return self._to_input(prob_with_bg, geometry)
