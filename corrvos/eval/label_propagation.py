@@ -63,7 +63,7 @@ class LabelPropagator(Tracker):
         context: int = DEFAULT_CONTEXT,
         radius: int | None = None,
         precision: str = "fp32",
-        **_unused_memory_options,
+        match_cache_frames: int | None = 0,  # accepted for predict_split; there are no memory reads to explain
     ) -> None:
         if context < 0:
             raise ValueError("context must be at least 0")
