@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     kwargs = {}
     if args.checkpoints is not None:
         kwargs["checkpoints"] = args.checkpoints
-    config = AppConfig(device=args.device or default_device(), size="auto" if args.size is None else (args.size or None), max_frames=args.max_frames,
+    config = AppConfig(device=args.device or default_device(), size=args.size, max_frames=args.max_frames,
                        tracker_options=options, **kwargs)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from app.ui import build_demo

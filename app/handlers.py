@@ -124,7 +124,7 @@ class AppHandlers:
 
     def header(self) -> str:
         c = self.config
-        size = "each checkpoint's training scale" if c.size == "auto" else f"{c.size}p" if c.size else "input size"
+        size = "each checkpoint's training scale" if c.size is None else f"{c.size}p" if c.size else "input size"
         return (
             f"**Device:** {c.device_label} · **processing:** {size} (results at the input size) · "
             f"**frame cap:** {c.max_frames} frames on this device (longer videos are cut to their first "

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from corrvos.tracker_options import for_architecture
+from corrvos.tracker_options import for_architecture, processing_size
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
@@ -44,9 +44,9 @@ class AppConfig:
 
     checkpoints: Path = field(default_factory=lambda: Path(os.environ.get("CORRVOS_CHECKPOINTS", REPO / "checkpoints")))
     device: str = field(default_factory=default_device)
-    # Processing size given to the Tracker (shorter side): "auto" = each checkpoint's training scale
-    # (model.preferred_size: 192 for the shipped models, 480 for upstream files); None = input size.
-    size: int | str | None = "auto"
+    # The parsed --size (corrvos.tracker_options): None = each checkpoint's training scale
+    # (model.preferred_size: 192 for the shipped models, 480 for upstream files); 0 = input size.
+    size: int | None = None
     max_frames: int | None = None  # None: FRAME_CAP for the device
     preview_every: int = 5
     max_sessions: int = 4
@@ -295,8 +295,8 @@ def propagate_runs(session: Session, models: dict[str, object], config: AppConfi
         steps = {}
         for slot, model in models.items():
             # Every frame stays explainable by a click (keys + memory snapshots; about 0.4 MB per 480p frame).
-            size = model.preferred_size if config.size == "auto" else config.size
-            tracker = Tracker(model, device=config.device, size=size, match_cache_frames=None,
+            tracker = Tracker(model, device=config.device, size=processing_size(config.size, model.preferred_size),
+                              match_cache_frames=None,
                               **for_architecture(config.tracker_options, model.config.arch))
             run = session.runs[slot]
             run.passes.append(Pass(tracker, plan))

@@ -50,7 +50,7 @@ def assets(davis2016_root, tmp_path_factory):
 
 
 def _handlers(assets, **kw) -> AppHandlers:
-    config = AppConfig(checkpoints=assets["ckpt_dir"], device="cpu", size=None, work_root=assets["root"] / "work", **kw)
+    config = AppConfig(checkpoints=assets["ckpt_dir"], device="cpu", size=0, work_root=assets["root"] / "work", **kw)
     return AppHandlers(config, MODELS)
 
 

@@ -27,7 +27,8 @@ def assets(davis2016_root, tmp_path_factory):
 
 
 def _handlers(assets, **kw) -> AppHandlers:
-    config = AppConfig(checkpoints=assets["ckpt_dir"], device="cpu", size=None, work_root=assets["root"] / "work", **kw)
+    kw.setdefault("size", 0)  # the tiny clip at its own size
+    config = AppConfig(checkpoints=assets["ckpt_dir"], device="cpu", work_root=assets["root"] / "work", **kw)
     return AppHandlers(config, MODELS)
 
 
@@ -156,6 +157,18 @@ def test_export_zip_has_one_png_per_frame_and_videos(propagated):
             assert img.mode == "P" and img.size == SIZE
 
 
+@pytest.mark.parametrize("size, expected", [(None, "preferred"), (0, None), (64, 64)])
+def test_size_reaches_each_tracker_as_in_the_command_line(assets, size, expected):
+    # The app's --size means what it means in infer and eval: unset = each checkpoint's training scale.
+    h = _handlers(assets, size=size, max_frames=2)
+    h.load_video(str(assets["video"]))
+    _run(h, mask_file=str(assets["mask"]))
+    for run in h.store.get("local").runs.values():
+        tracker = run.passes[-1].tracker
+        assert tracker.size == (tracker.model.preferred_size if expected == "preferred" else expected)
+        assert run.labels[1].shape == (SIZE[1], SIZE[0])  # results always at the input size
+
+
 def test_backward_from_a_middle_frame_with_mask_file(assets):
     h = _handlers(assets, max_frames=4)
     h.load_video(str(assets["video"]))
@@ -192,7 +205,7 @@ def test_bad_inputs_raise_gr_error_and_app_keeps_working(assets, tmp_path):
     corrupt = assets["root"] / "bad_ckpt"
     corrupt.mkdir(exist_ok=True)
     (corrupt / "broken.safetensors").write_bytes(b"\x00" * 100)
-    bad = AppHandlers(AppConfig(checkpoints=corrupt, device="cpu", size=None, work_root=assets["root"] / "w2"), MODELS)
+    bad = AppHandlers(AppConfig(checkpoints=corrupt, device="cpu", size=0, work_root=assets["root"] / "w2"), MODELS)
     bad.load_video(str(assets["video"]))
     with pytest.raises(gr.Error) as info:
         list(bad.propagate(None, str(assets["mask"]), 0, "broken.safetensors", "broken.safetensors"))

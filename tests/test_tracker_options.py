@@ -200,7 +200,7 @@ def test_app_size_zero_is_the_input_size(monkeypatch):
         raise Stop
 
     monkeypatch.setattr("app.ui.build_demo", fake_build_demo)
-    for argv, expected in ((["--size", "-1"], None), (["--size", "0"], None), (["--size", "320"], 320), ([], "auto")):
+    for argv, expected in ((["--size", "-1"], 0), (["--size", "0"], 0), (["--size", "320"], 320), ([], None)):
         with pytest.raises(Stop):
             app_cli.main(["--device", "cpu", *argv])
         assert seen["size"] == expected
