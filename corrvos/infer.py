@@ -81,35 +81,6 @@ class _RecentFrames(Sequence):
         return self._cache[t]
 
 
-def read_given_masks(path: Path, names: Sequence[str], size: tuple[int, int]) -> dict[int, np.ndarray]:
-    """``--mask``: one PNG for frame 0, or a folder of PNGs named after the frames they annotate -> {t: labels}."""
-    from corrvos.io.masks import check_mask, read_mask
-
-    if not path.is_dir():
-        return {0: check_mask(read_mask(path), size)}
-    files = sorted(path.glob("*.png"))
-    if not files:
-        raise InputError(
-            f"the mask folder {path} holds no PNG files; put one mask per annotated frame there, named after its frame (e.g. 00000.png)."
-        )
-    index = {name: t for t, name in enumerate(names)}
-    masks = {}
-    for f in files:
-        if f.stem not in index:
-            raise InputError(
-                f"the mask {f.name} in {path} names no frame of the input (its frames are {names[0]} ... {names[-1]}); "
-                "name each mask after the frame it annotates."
-            )
-        labels = read_mask(f)
-        if not np.asarray(labels).any():
-            raise InputError(f"the mask {f.name} in {path.name} has no object pixels; mark the objects it annotates, or remove it.")
-        try:
-            masks[index[f.stem]] = check_mask(labels, size)
-        except InputError as err:
-            raise InputError(f"{f.name}: {err}") from err
-    return masks
-
-
 def _validate_args(args: argparse.Namespace) -> None:
     tracker_options(args)  # value errors before anything is read; the architecture is checked once loaded
     if args.fps is not None and args.fps <= 0:
@@ -128,7 +99,7 @@ def _validate_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> Path:
     """Do the work of the CLI; returns the output folder. Raises CorrvosError on bad input."""
     _validate_args(args)
-    from corrvos.io.masks import compact_labels, write_mask
+    from corrvos.io.masks import compact_labels, read_given_masks, write_mask
     from corrvos.io.video import VideoWriter, load_frames
     from corrvos.viz.overlay import overlay
 

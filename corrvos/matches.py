@@ -99,8 +99,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> list[dict]:
     """Do the work of the CLI; returns what matches.json holds. Raises CorrvosError on bad input."""
     _check_args(args)
-    from corrvos.infer import read_given_masks
-    from corrvos.io.masks import compact_labels
+    from corrvos.io.masks import compact_labels, read_given_masks
     from corrvos.io.video import load_frames
 
     clip = load_frames(args.video if args.video is not None else args.frames, lazy=True)

@@ -164,10 +164,11 @@ def write_mask(path: PathLike, labels: np.ndarray) -> Path:
 
 # ----------------------------------------------------------------------------------------------- checks
 
-def check_mask(mask: np.ndarray, frame_shape: tuple[int, ...]) -> np.ndarray:
+def check_mask(mask: np.ndarray, frame_shape: tuple[int, ...], allow_empty: bool = False) -> np.ndarray:
     """Validate a first-frame label map against the frames' ``(H, W[, C])``; returns it as uint8.
 
-    Raises InputError when the mask is not 2-D, has another size than the frames, or marks no object.
+    Raises InputError when the mask is not 2-D, has another size than the frames, or (unless ``allow_empty``)
+    marks no object.
     """
     mask = np.asarray(mask)
     h, w = frame_shape[:2]
@@ -179,11 +180,43 @@ def check_mask(mask: np.ndarray, frame_shape: tuple[int, ...]) -> np.ndarray:
             f"the mask is {mh}x{mw} (height x width) but the frames are {h}x{w}; "
             "give a mask drawn on the first frame at the frames' size."
         )
-    if not mask.any():
+    if not allow_empty and not mask.any():
         raise InputError(
             "the first-frame mask has no object pixels (it is all background); mark at least one object on it."
         )
     return mask.astype(np.uint8, copy=False)
+
+
+def read_given_masks(path: Path, names: Sequence[str], size: tuple[int, int],
+                     allow_empty: bool = False) -> dict[int, np.ndarray]:
+    """One PNG for frame 0, or a folder of PNGs named after the frames they annotate -> {t: labels}.
+
+    ``allow_empty`` accepts all-background masks (a training frame where the objects are out of view); an
+    annotation that starts tracking must mark something.
+    """
+    if not path.is_dir():
+        return {0: check_mask(read_mask(path), size, allow_empty)}
+    files = sorted(path.glob("*.png"))
+    if not files:
+        raise InputError(
+            f"the mask folder {path} holds no PNG files; put one mask per annotated frame there, named after its frame (e.g. 00000.png)."
+        )
+    index = {name: t for t, name in enumerate(names)}
+    masks = {}
+    for f in files:
+        if f.stem not in index:
+            raise InputError(
+                f"the mask {f.name} in {path} names no frame of the input (its frames are {names[0]} ... {names[-1]}); "
+                "name each mask after the frame it annotates."
+            )
+        labels = read_mask(f)
+        if not allow_empty and not np.asarray(labels).any():
+            raise InputError(f"the mask {f.name} in {path.name} has no object pixels; mark the objects it annotates, or remove it.")
+        try:
+            masks[index[f.stem]] = check_mask(labels, size, allow_empty)
+        except InputError as err:
+            raise InputError(f"{f.name}: {err}") from err
+    return masks
 
 
 def compact_labels(masks: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:

@@ -359,9 +359,19 @@ class Trainer:
                     parts.append(StaticClips.from_folder(root, config=cfg, proposals=proposals, seed=self.opts.seed))
             else:
                 parts.append(VideoClips(root, cfg, self.opts.split, self.opts.sequences, proposals, seed=self.opts.seed))
+        if self.opts.stage == "main" and self.is_main:
+            self._note_single_video(parts)
         if len(parts) == 1 and not self.opts.repeats:
             return parts[0]
         return ConcatClips(parts, self.opts.repeats, seed=self.opts.seed)
+
+    def _note_single_video(self, parts) -> None:
+        # The losses take the other clips of the batch as other videos; with one video they are the same objects.
+        names = {seq.name for part in parts for seq in part.sequences}
+        uses_inter = (self.loss_config.pcl or self.loss_config.ocl) and self.opts.negatives != "intra"
+        if len(names) == 1 and uses_inter and self.micro_batch > 1:
+            print(f"note: every clip comes from one video ({next(iter(names))}), so the correspondence losses' "
+                  "'other videos of the batch' are the same objects; pass --negatives intra to fine-tune on it")
 
     def _start_at(self, iteration: int) -> None:
         """Continue a schedule at ``iteration`` from ``--load`` weights, with a fresh optimiser state.
