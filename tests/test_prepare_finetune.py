@@ -79,6 +79,11 @@ def test_prepare_refusals_are_one_sentence(own_clip, tmp_path, capsys):
     assert err.startswith("error: every mask in") and "\n" not in err
     assert main(["--video", str(tmp_path / "nope.mp4"), "--masks", str(masks), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
+    one = tmp_path / "one"
+    one.mkdir()
+    write_mask(one / "00000.png", labels[0])
+    assert main(["--video", str(video), "--masks", str(one), "--out", str(out), "--name", "first_only"]) == 0
+    assert "train with --stage static" in capsys.readouterr().out  # too few frames for the main stage's clips
 
 
 def test_finetune_from_a_checkpoint_on_the_prepared_folder(own_clip, tmp_path, capsys):

@@ -24,9 +24,11 @@ from tqdm import tqdm
 from corrvos.errors import CorrvosError, InputError
 from corrvos.io.masks import read_given_masks, write_mask
 from corrvos.io.video import load_frames
+from corrvos.training.samples import ClipConfig
 
 SUBSET = "480p"  # the DAVIS layout's resolution folder, whatever the frames' real size
 SPLITS = ("train", "val")
+MAIN_STAGE_FRAMES = {arch: ClipConfig.preset(arch).num_frames for arch in ("stcn", "xmem")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     use = (f"train with: python corrvos/train.py --stage main --data {args.out} ..." if args.split == "train" else
            f"score with: train.py --eval-data {args.out}, or python -m corrvos.eval --davis {args.out} --split val ...")
     print(f"wrote {n} frames and masks of {frame_dir.name!r} to {args.out} ({args.split} split; {use})")
+    if args.split == "train" and n < MAIN_STAGE_FRAMES["xmem"]:
+        # The main stage samples clips of annotated frames; the static stage makes clips from single frames.
+        print(f"note: the main stage uses a sequence only with {MAIN_STAGE_FRAMES['stcn']} (STCN) or "
+              f"{MAIN_STAGE_FRAMES['xmem']} (XMem) annotated frames; with fewer, train with --stage static")
     return 0
 
 
