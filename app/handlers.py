@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import io
 import logging
 import time
 import zipfile
@@ -32,7 +31,7 @@ from app.session import (
     propagate_runs,
 )
 from corrvos.errors import CheckpointError, CorrvosError, InputError
-from corrvos.io.masks import check_mask, compact_labels, read_mask, write_mask
+from corrvos.io.masks import check_mask, compact_labels, matte_png, read_mask, write_mask
 from corrvos.io.video import VideoWriter, load_frames
 from corrvos.models.provenance import describe_checkpoint
 from corrvos.viz.affinity_view import AffinityView, render_affinity, stack_rows
@@ -464,19 +463,11 @@ class AppHandlers:
                     write_mask(png, lab)
                     zf.write(png, f"{folder}/{name}.png")
                     for k in range(1, session.num_objects + 1):
-                        zf.writestr(f"{folder}_mattes/obj{k}/{name}.png", _png_bytes(np.where(lab == k, 255, 0).astype(np.uint8)))
+                        zf.writestr(f"{folder}_mattes/obj{k}/{name}.png", matte_png(np.where(lab == k, 255, 0).astype(np.uint8)))
                 if run.video is not None and run.video.is_file():
                     zf.write(run.video, f"overlay_{slot}_{run.checkpoint.stem}.mp4")
         tmp.replace(out)
         return str(out)
-
-
-def _png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
 
 
 def affinity_view(session: Session, slot: str, t: int, x: float, y: float) -> AffinityView:

@@ -21,6 +21,7 @@ from corrvos.errors import CheckpointError, CorrvosError, InputError
 from corrvos.tracker_options import add_size_argument, add_tracker_arguments, processing_size, run_device, tracker_options
 
 OVERLAY_NAME = "overlay.mp4"
+SOFT_DIR = "soft_masks"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frame rate of overlay.mp4 (default: the video's, or 24 for frame folders and zips)")
     p.add_argument("--no-video", action="store_true",
                    help="write only the masks, not overlay.mp4 (which needs the imageio-ffmpeg package)")
+    p.add_argument("--soft-masks", action="store_true",
+                   help=f"also write each object's probability (0-255) as a greyscale PNG per frame to "
+                        f"OUT/{SOFT_DIR}/obj<id>/ (soft mattes for compositing; XMem's --save_scores, as images)")
     add_tracker_arguments(p)
     return p
 
@@ -99,7 +103,7 @@ def _validate_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> Path:
     """Do the work of the CLI; returns the output folder. Raises CorrvosError on bad input."""
     _validate_args(args)
-    from corrvos.io.masks import compact_labels, read_given_masks, write_mask
+    from corrvos.io.masks import compact_labels, read_given_masks, write_mask, write_matte
     from corrvos.io.video import VideoWriter, load_frames
     from corrvos.viz.overlay import overlay
 
@@ -128,32 +132,45 @@ def run(args: argparse.Namespace) -> Path:
     except OSError as err:
         raise InputError(f"could not create the output folder {args.out} ({err.strerror}); choose a writable folder.") from err
     frames = _RecentFrames(clip.frames)
+    object_ids = sorted({int(v) for m in given.values() for v in np.unique(m) if v})
+    if args.soft_masks:
+        for oid in object_ids:
+            (args.out / SOFT_DIR / f"obj{oid}").mkdir(parents=True, exist_ok=True)
     written = 0
     video_out = contextlib.nullcontext() if args.no_video else VideoWriter(args.out / OVERLAY_NAME, fps=clip.fps)
+
+    def write(t: int, labels: np.ndarray, soft: dict[int, np.ndarray], writer) -> None:
+        """Frame t's outputs; ``soft`` maps the input's object ids to mattes (an id left out is written empty)."""
+        nonlocal written
+        write_mask(args.out / f"{clip.names[t]}.png", labels)
+        if args.soft_masks:
+            for oid in object_ids:
+                write_matte(args.out / SOFT_DIR / f"obj{oid}" / f"{clip.names[t]}.png", soft.get(oid, empty))
+        if writer is not None:
+            writer.write(overlay(frames[t], labels))
+        written += 1
+
+    def outputs(prob) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """The tracker's probabilities -> labels and soft masks under the input's own object ids."""
+        labels = back[np.asarray(tracker.labels_from(prob), dtype=np.uint8)]
+        soft = {int(back[k]): m for k, m in tracker.soft_masks(prob).items()} if args.soft_masks else {}
+        return labels, soft
+
     # Before the first annotated frame no object is known yet (YouTube-VOS protocol): empty masks, unless
     # --backward tracks them from that frame's mask in reverse (run first: the overlay is written in order).
     empty = np.zeros(clip.size, np.uint8)
-    before: dict[int, np.ndarray] = {}
+    before: dict[int, tuple[np.ndarray, dict[int, np.ndarray]]] = {}
     if args.backward and start > 0:
-        reverse = tracker.propagate((frames[t] for t in range(start, -1, -1)), compact[0])
-        for local, labels in tqdm(reverse, total=start + 1, desc="segmenting backward", unit="frame"):
+        reverse = tracker.propagate_probabilities((frames[t] for t in range(start, -1, -1)), compact[0])
+        for local, prob in tqdm(reverse, total=start + 1, desc="segmenting backward", unit="frame"):
             if local > 0:
-                before[start - local] = back[np.asarray(labels, dtype=np.uint8)]
+                before[start - local] = outputs(prob)
     with video_out as writer:
         for t in range(start):
-            labels = before.get(t, empty)
-            write_mask(args.out / f"{clip.names[t]}.png", labels)
-            if writer is not None:
-                writer.write(overlay(frames[t], labels))
-            written += 1
-        tracked = tracker.propagate((frames[t] for t in range(start, len(frames))), compact[0], later)
-        for local, labels in tqdm(tracked, total=len(frames) - start, desc="segmenting", unit="frame"):
-            t = start + local
-            labels = back[np.asarray(labels, dtype=np.uint8)]
-            write_mask(args.out / f"{clip.names[t]}.png", labels)
-            if writer is not None:
-                writer.write(overlay(frames[t], labels))
-            written += 1
+            write(t, *before.get(t, (empty, {})), writer)
+        tracked = tracker.propagate_probabilities((frames[t] for t in range(start, len(frames))), compact[0], later)
+        for local, prob in tqdm(tracked, total=len(frames) - start, desc="segmenting", unit="frame"):
+            write(start + local, *outputs(prob), writer)
     if written != len(frames):
         raise InputError(f"only {written} of {len(frames)} frames were segmented; the input may be truncated, re-encode it.")
     return args.out

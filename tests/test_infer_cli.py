@@ -62,7 +62,7 @@ def test_help_documents_every_option():
     proc = _cli("--help", timeout=30)
     assert proc.returncode == 0
     for opt in ("--checkpoint", "--video", "--frames", "--mask", "--backward", "--out", "--device", "--size", "--mem-every",
-                "--top-k", "--fps", "--no-video"):
+                "--top-k", "--fps", "--no-video", "--soft-masks"):
         assert opt in proc.stdout
 
 
@@ -218,3 +218,42 @@ def test_cli_backward_tracks_the_frames_before_the_first_annotation(tmp_path, sy
     expected = dict(tracker.propagate([frames[2], frames[1], frames[0]], m2))
     assert np.array_equal(labels[1], expected[1]) and np.array_equal(labels[0], expected[2])
     assert len(VideoFrames(out / "overlay.mp4")) == 5
+
+
+def test_cli_soft_masks_per_object_under_the_input_ids(tmp_path, synthetic_clip, tiny_checkpoint, capfd):
+    video, mask = synthetic_clip
+    first = read_mask(mask)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    m1 = np.where(first == 1, 4, 0).astype(np.uint8)  # object 4 from frame 1, object 9 joins at frame 3
+    m3 = np.zeros_like(first)
+    m3[45:60, 5:25] = 9
+    write_mask(masks / "00001.png", m1)
+    write_mask(masks / "00003.png", m3)
+    out = tmp_path / "out"
+    code = main(["--checkpoint", str(tiny_checkpoint), "--video", str(video), "--mask", str(masks), "--out", str(out),
+                 "--device", "cpu", "--size", "-1", "--no-video", "--backward", "--soft-masks"])
+    assert code == 0, capfd.readouterr().err
+    soft_dir = out / "soft_masks"
+    assert sorted(p.name for p in soft_dir.iterdir()) == ["obj4", "obj9"]
+    labels, soft = [], []
+    for t in range(5):
+        labels.append(read_mask(out / f"{t:05d}.png"))
+        frame_soft = {}
+        for oid in (4, 9):
+            with Image.open(soft_dir / f"obj{oid}" / f"{t:05d}.png") as img:
+                assert img.mode == "L" and img.size == (96, 64)
+                frame_soft[oid] = np.asarray(img).astype(int)
+        soft.append(frame_soft)
+    # Given frames carry the user's masks exactly; an object not yet tracked is empty.
+    assert np.array_equal(soft[1][4], (m1 == 4) * 255) and not soft[1][9].any()
+    assert np.array_equal(soft[3][9], (m3 == 9) * 255)
+    assert soft[0][4].any() and not soft[0][9].any()  # frame 0 comes from the backward pass
+    # Predicted frames: the written label is the most probable object (up to the 1/255 rounding).
+    for t in (0, 2, 4):
+        for oid in (4, 9):
+            # The strongest competitor: another object or the background (what the objects leave of 255).
+            other = np.maximum.reduce([s for k, s in soft[t].items() if k != oid] + [255 - sum(soft[t].values())])
+            inside = labels[t] == oid
+            assert (soft[t][oid][inside] >= other[inside] - 2).all()  # 2: each PNG rounds to 1/255
+            assert (soft[t][oid][~inside] <= other[~inside] + 2).all()

@@ -477,6 +477,19 @@ class Tracker:
         Yields:
             ``(t, labels)`` with ``labels`` a ``HxW`` uint8 map of object ids (0 = background).
         """
+        for t, prob in self.propagate_probabilities(frames, first_mask, masks, complete_masks=complete_masks):
+            yield t, self.labels_from(prob)
+
+    def propagate_probabilities(
+        self,
+        frames: Iterable[np.ndarray | Tensor],
+        first_mask: np.ndarray | Tensor,
+        masks: Mapping[int, np.ndarray | Tensor] | None = None,
+        *,
+        complete_masks: bool = False,
+    ) -> Iterator[tuple[int, Tensor]]:
+        """:meth:`propagate` yielding ``(t, probabilities)``, the ``(K + 1, H, W)`` tensor of :meth:`step`;
+        :meth:`labels_from` and :meth:`soft_masks` read it while the generator waits at that frame."""
         self.reset()
         it = iter(frames)
         try:
@@ -490,8 +503,7 @@ class Tracker:
             except StopIteration:
                 upcoming, last = None, True
             mask = first_mask if t == 0 else (masks or {}).get(t)
-            prob = self.step(current, mask, last=last, complete=complete_masks)
-            yield t, self.labels_from(prob)
+            yield t, self.step(current, mask, last=last, complete=complete_masks)
             if last:
                 return
             current, t = upcoming, t + 1
@@ -500,6 +512,12 @@ class Tracker:
         """``(K+1, H, W)`` probabilities -> ``HxW`` uint8 label map of object ids."""
         lut = torch.tensor([0, *self.object_ids], dtype=torch.uint8, device=prob.device)
         return lut[prob.argmax(dim=0)].cpu().numpy()
+
+    def soft_masks(self, prob: Tensor) -> dict[int, np.ndarray]:
+        """``(K+1, H, W)`` probabilities of the latest frame -> ``{object id: HxW uint8}``, the object's
+        probability times 255 (a soft matte: edges keep the model's uncertainty instead of a hard cut)."""
+        scaled = (prob[1:].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        return dict(zip(self.object_ids, scaled))
 
     # what the memory read did ------------------------------------------------------------------------
     @torch.inference_mode()

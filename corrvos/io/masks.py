@@ -162,6 +162,31 @@ def write_mask(path: PathLike, labels: np.ndarray) -> Path:
     return path
 
 
+def matte_png(alpha: np.ndarray) -> bytes:
+    """A ``HxW`` uint8 matte (0 = outside the object, 255 = inside) as greyscale PNG bytes."""
+    from PIL import Image
+
+    alpha = np.asarray(alpha)
+    if alpha.ndim != 2 or alpha.dtype != np.uint8:
+        raise ValueError(f"expected a HxW uint8 matte, got {alpha.dtype} of shape {alpha.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(alpha, mode="L").save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def write_matte(path: PathLike, alpha: np.ndarray) -> Path:
+    """Write a matte as a greyscale PNG, atomically (temp file + rename); returns the path."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(matte_png(alpha))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
 # ----------------------------------------------------------------------------------------------- checks
 
 def check_mask(mask: np.ndarray, frame_shape: tuple[int, ...], allow_empty: bool = False) -> np.ndarray:
