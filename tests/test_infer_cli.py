@@ -153,17 +153,22 @@ def test_cli_corrupt_checkpoint(tmp_path, synthetic_clip, capfd):
     _assert_one_line_error(code, capfd.readouterr().err, "junk.pth")
 
 
-def test_cli_mask_folder_adds_objects_later_and_starts_at_the_first_annotation(tmp_path, synthetic_clip, tiny_checkpoint, capfd):
-    video, mask = synthetic_clip
-    first = read_mask(mask)
-    masks = tmp_path / "masks"
-    masks.mkdir()
-    # Frame 1: only object 1 (id 4); frame 3: a new object (id 9) in the lower-left corner, YouTube-VOS style.
+def _late_object_masks(folder: Path, first_mask: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    """Frame 1: only object 1 of the clip's mask (as id 4); frame 3: a new object (id 9) in the lower-left
+    corner, YouTube-VOS style. Returns the mask folder and the two masks."""
+    first = read_mask(first_mask)
+    folder.mkdir()
     m1 = np.where(first == 1, 4, 0).astype(np.uint8)
     m3 = np.zeros_like(first)
     m3[45:60, 5:25] = 9
-    write_mask(masks / "00001.png", m1)
-    write_mask(masks / "00003.png", m3)
+    write_mask(folder / "00001.png", m1)
+    write_mask(folder / "00003.png", m3)
+    return folder, m1, m3
+
+
+def test_cli_mask_folder_adds_objects_later_and_starts_at_the_first_annotation(tmp_path, synthetic_clip, tiny_checkpoint, capfd):
+    video, mask = synthetic_clip
+    masks, m1, m3 = _late_object_masks(tmp_path / "masks", mask)
     out = tmp_path / "out"
     code = main(["--checkpoint", str(tiny_checkpoint), "--video", str(video), "--mask", str(masks), "--out", str(out),
                  "--device", "cpu", "--size", "-1", "--no-video"])
@@ -222,14 +227,7 @@ def test_cli_backward_tracks_the_frames_before_the_first_annotation(tmp_path, sy
 
 def test_cli_soft_masks_per_object_under_the_input_ids(tmp_path, synthetic_clip, tiny_checkpoint, capfd):
     video, mask = synthetic_clip
-    first = read_mask(mask)
-    masks = tmp_path / "masks"
-    masks.mkdir()
-    m1 = np.where(first == 1, 4, 0).astype(np.uint8)  # object 4 from frame 1, object 9 joins at frame 3
-    m3 = np.zeros_like(first)
-    m3[45:60, 5:25] = 9
-    write_mask(masks / "00001.png", m1)
-    write_mask(masks / "00003.png", m3)
+    masks, m1, m3 = _late_object_masks(tmp_path / "masks", mask)  # object 4 from frame 1, object 9 from frame 3
     out = tmp_path / "out"
     code = main(["--checkpoint", str(tiny_checkpoint), "--video", str(video), "--mask", str(masks), "--out", str(out),
                  "--device", "cpu", "--size", "-1", "--no-video", "--backward", "--soft-masks"])
