@@ -446,7 +446,8 @@ class AppHandlers:
     @user_errors
     def export(self, request: gr.Request | None = None) -> str:
         """Zip of palette PNGs per model (one per input frame), a black-and-white PNG per object and frame
-        (mattes for video editors), and both overlay videos."""
+        (mattes for video editors), the same as soft mattes (the model's probability, 0-255), and both overlay
+        videos."""
         session = self._session(request)
         if not session.runs:
             raise InputError("there is nothing to export yet; press Propagate first.")
@@ -458,12 +459,16 @@ class AppHandlers:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for slot, run in session.runs.items():
                 folder = f"{slot}_{run.checkpoint.stem}"
-                for name, lab in zip(session.names, run.labels):
+                for t, (name, lab) in enumerate(zip(session.names, run.labels)):
                     png = session.workdir / "png.tmp"
                     write_mask(png, lab)
                     zf.write(png, f"{folder}/{name}.png")
+                    soft = run.soft.get(t, {})
                     for k in range(1, session.num_objects + 1):
-                        zf.writestr(f"{folder}_mattes/obj{k}/{name}.png", matte_png(np.where(lab == k, 255, 0).astype(np.uint8)))
+                        hard = matte_png(np.where(lab == k, 255, 0).astype(np.uint8))
+                        zf.writestr(f"{folder}_mattes/obj{k}/{name}.png", hard)
+                        # Given frames are the user's own hard masks; an object not tracked yet is empty.
+                        zf.writestr(f"{folder}_soft_mattes/obj{k}/{name}.png", soft.get(k, hard))
                 if run.video is not None and run.video.is_file():
                     zf.write(run.video, f"overlay_{slot}_{run.checkpoint.stem}.mp4")
         tmp.replace(out)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from corrvos.io.masks import matte_png
 from corrvos.tracker_options import for_architecture, processing_size
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,15 +148,17 @@ class Pass:
 class ModelRun:
     """One checkpoint's results on the session's clip.
 
-    ``labels[t]`` is the label map at the input size (None until frame t is done). ``passes`` are the
-    trackers that produced them, in the order they ran; a later pass (after a correction) supersedes an
-    earlier one on the frames it predicts.
+    ``labels[t]`` is the label map at the input size (None until frame t is done). ``soft[t]`` holds the
+    predicted frames' soft mattes, ``{object id: PNG bytes}`` (compressed: a raw matte per object and frame
+    would cost more memory than the frames). ``passes`` are the trackers that produced them, in the order they
+    ran; a later pass (after a correction) supersedes an earlier one on the frames it predicts.
     """
 
     slot: str
     checkpoint: Path
     labels: list[np.ndarray | None]
     passes: list[Pass] = field(default_factory=list)
+    soft: dict[int, dict[int, bytes]] = field(default_factory=dict)
     video: Path | None = None
 
     @property
@@ -287,8 +290,10 @@ def propagate_runs(session: Session, models: dict[str, object], config: AppConfi
         for plan in plans:
             for t in plan:
                 run.labels[t] = None
+                run.soft.pop(t, None)
         for t, mask in session.given.items():
             run.labels[t] = mask
+            run.soft.pop(t, None)
     total = len(models) * sum(sum(t not in session.given for t in plan) for plan in plans)
     done = 0
     for plan in plans:
@@ -309,11 +314,12 @@ def propagate_runs(session: Session, models: dict[str, object], config: AppConfi
                 # worker thread, and inference mode is thread-local.
                 try:
                     with torch.inference_mode():
-                        t, lab = next(active[slot])
+                        t, lab, soft = next(active[slot])
                 except StopIteration:
                     del active[slot]
                     continue
                 session.runs[slot].labels[t] = lab
+                session.runs[slot].soft[t] = soft
                 done += 1
                 yield Progress(slot, t, done, total)
 
@@ -330,11 +336,14 @@ def _without_superseded(passes: list[Pass], given: dict[int, np.ndarray]) -> lis
     return kept[::-1]
 
 
-def _walk(tracker, session: Session, plan: list[int]) -> Iterator[tuple[int, np.ndarray]]:
-    """Run ``tracker`` over the frames of ``plan``; yields (t, labels) for each predicted frame."""
+def _walk(tracker, session: Session, plan: list[int]) -> Iterator[tuple[int, np.ndarray, dict[int, bytes]]]:
+    """Run ``tracker`` over the frames of ``plan``; yields (t, labels, soft mattes as PNG bytes) for each
+    predicted frame."""
     masks = {i: session.given[t] for i, t in enumerate(plan) if i > 0 and t in session.given}
     # A given frame speaks for every object: one the user left out is absent there, not still to be tracked.
-    results = tracker.propagate((session.frames[t] for t in plan), session.given[plan[0]], masks, complete_masks=True)
-    for i, labels in results:
+    results = tracker.propagate_probabilities((session.frames[t] for t in plan), session.given[plan[0]], masks,
+                                              complete_masks=True)
+    for i, prob in results:
         if plan[i] not in session.given:
-            yield plan[i], labels
+            soft = {oid: matte_png(m) for oid, m in tracker.soft_masks(prob).items()}
+            yield plan[i], tracker.labels_from(prob), soft

@@ -106,7 +106,7 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
 
         gr.Markdown("## Export")
         with gr.Row():
-            export = gr.Button("Export masks (palette PNGs and per-object mattes per model) and overlay videos", elem_id="export")
+            export = gr.Button("Export masks (palette PNGs, per-object hard and soft mattes per model) and overlay videos", elem_id="export")
             export_file = gr.File(label="Download", interactive=False, elem_id="export-file")
 
         # ----------------------------------------------------------------------------------- events

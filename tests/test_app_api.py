@@ -60,7 +60,7 @@ def test_api_upload_propagate_click_export(server):
         pngs = [n for n in zf.namelist() if n.endswith(".png")]
         mattes = [n for n in pngs if "_mattes/" in n]
         assert len(pngs) - len(mattes) == 2 * N_FRAMES  # a palette PNG per frame and model
-        assert len(mattes) == 2 * N_FRAMES  # and a matte per frame, model and (here one) object
+        assert len(mattes) == 2 * 2 * N_FRAMES  # and a hard and a soft matte per frame, model and (here one) object
 
     # A correction through the API: frame 3 into the editor, then its ground truth as the corrected layer.
     editor, status = client.predict(3, "B", api_name="/edit_frame")

@@ -156,6 +156,8 @@ def test_backward_correction_and_the_last_frame(assets):
     assert "Done: 0 of 5 frames" in outs[-1][3]
     assert np.array_equal(session.runs["A"].labels[4], last) and np.array_equal(run.labels[4], last)
     assert sorted(session.given) == [1, 2, 4]
+    # Soft mattes only where the model predicted: frame 4 lost its own when the user corrected it.
+    assert sorted(run.soft) == sorted(session.runs["A"].soft) == [0, 3]
     assert h.export().endswith(".zip")
 
 

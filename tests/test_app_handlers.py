@@ -152,6 +152,16 @@ def test_export_zip_has_one_png_per_frame_and_videos(propagated):
             matte, palette = np.asarray(Image.open(f)), np.asarray(Image.open(g))
             assert matte.dtype == np.uint8 and set(np.unique(matte)) <= {0, 255}
             assert np.array_equal(matte == 255, palette == 1)
+        # Soft mattes: the model's probability on predicted frames, the user's hard mask on the given frame.
+        soft = sorted(n for n in names if n.startswith("B_stcn-s_corr_soft_mattes/"))
+        assert soft == [f"B_stcn-s_corr_soft_mattes/obj1/{t:05d}.png" for t in range(N_FRAMES)]
+        with zf.open(soft[0]) as f, zf.open(mattes[0]) as g:
+            assert np.array_equal(np.asarray(Image.open(f)), np.asarray(Image.open(g)))
+        with zf.open(soft[2]) as f, zf.open(f"B_stcn-s_corr/{2:05d}.png") as g:
+            prob, palette = np.asarray(Image.open(f)).astype(int), np.asarray(Image.open(g))
+            assert len(np.unique(prob)) > 2  # not a hard mask
+            # One object: it wins a pixel exactly where its probability passes one half.
+            assert (prob[palette == 1] >= 127).all() and (prob[palette == 0] <= 128).all()
         with zf.open(f"A_stcn-s_baseline/{N_FRAMES - 1:05d}.png") as f:
             img = Image.open(f)
             assert img.mode == "P" and img.size == SIZE
