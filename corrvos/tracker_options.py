@@ -71,26 +71,30 @@ def add_tracker_arguments(parser: argparse.ArgumentParser) -> None:
 MIN_SIZE = 16  # one stride-16 feature cell: anything smaller has no key map at all
 
 
-def _size_value(text: str) -> int:
-    """argparse type of ``--size``: a shorter side in pixels, or 0 for the input size (-1 is accepted as 0)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--size takes a whole number of pixels, not {text!r}") from None
-    if value in (0, -1):
-        return 0
-    if value < MIN_SIZE:
-        raise argparse.ArgumentTypeError(
-            f"--size {value} is too small; use a shorter side of at least {MIN_SIZE} pixels, or 0 for the input size"
-        )
-    return value
+def size_type(flag: str = "--size"):
+    """argparse type of a size flag: a shorter side in pixels, or 0 for the input size (-1 is accepted as 0)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes a whole number of pixels, not {text!r}") from None
+        if value in (0, -1):
+            return 0
+        if value < MIN_SIZE:
+            raise argparse.ArgumentTypeError(
+                f"{flag} {value} is too small; use a shorter side of at least {MIN_SIZE} pixels, or 0 for the input size"
+            )
+        return value
+
+    return parse
 
 
 def add_size_argument(parser: argparse.ArgumentParser, default_help: str = "the checkpoint's training scale, "
                       "480 for upstream files") -> None:
     """Add ``--size`` (the Tracker's processing size), the same for every command: masks always come back at the
     input size; 0 (or -1, the older spelling of infer and matches) keeps the input size."""
-    parser.add_argument("--size", type=_size_value, default=None, metavar="PIXELS",
+    parser.add_argument("--size", type=size_type("--size"), default=None, metavar="PIXELS",
                         help=f"shorter side the tracker resizes frames to; 0 keeps the input size (default: {default_help}). "
                              "Masks are always written at the input size")
 

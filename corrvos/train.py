@@ -21,6 +21,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from corrvos.errors import CorrvosError  # noqa: E402
+from corrvos.tracker_options import size_type  # noqa: E402
 from corrvos.training.schedule import BOOTSTRAP_FINAL_P  # noqa: E402
 
 MODELS = ("stcn", "stcn-s", "xmem", "xmem-s")
@@ -112,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=int, default=0, help="evaluate J&F every N iterations (0: never)")
     g.add_argument("--eval-data", metavar="DIR", help="DAVIS folder (JPEGImages/Annotations layout) for --eval-every")
     g.add_argument("--eval-sequences", type=_csv_list, metavar="A,B", help="val sequences to evaluate")
-    g.add_argument("--eval-size", type=int, default=480, help="inference short side for the evaluation")
+    g.add_argument("--eval-size", type=size_type("--eval-size"), default=None, metavar="PIXELS",
+                   help="inference short side for the evaluation; 0 keeps the input size (default: the scale of the "
+                        "training crop, as `python -m corrvos.eval` runs the final weights: 480 for 384-pixel crops)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 

@@ -109,7 +109,7 @@ def test_finetune_from_a_checkpoint_on_the_prepared_folder(own_clip, tmp_path, c
     assert "pass --negatives intra" in capsys.readouterr().out  # the batch's "other videos" would be this one
     # One video, both correspondence losses with same-video negatives only, BN frozen.
     tuned_trainer = Trainer(options(tmp_path / "tuned", load=str(start), negatives="intra", eval_every=2,
-                                    eval_data=str(data), eval_size=None))
+                                    eval_data=str(data), eval_size=0))
     assert "one video" not in capsys.readouterr().out
     assert tuned_trainer.bn_frozen
     assert [seq.name for seq in tuned_trainer.dataset.sequences] == ["walk"]
@@ -127,3 +127,31 @@ def test_finetune_from_a_checkpoint_on_the_prepared_folder(own_clip, tmp_path, c
     frames = [cv2.imread(str(p))[:, :, ::-1].copy() for p in sorted(video.glob("*.png"))]
     out = [lab for _, lab in tracker.propagate(frames, labels[0])]
     assert len(out) == N and all(lab.shape == (72, 112) for lab in out)
+
+
+def test_training_evaluation_runs_at_the_scale_of_the_crop(own_clip, tmp_path, monkeypatch, capsys):
+    # As the saved weights will run (load_model's preferred_size): a 64-pixel crop -> 80p; --eval-size 0 = input size.
+    from corrvos.train import build_parser
+    from corrvos.training.trainer import Trainer, TrainOptions
+    from test_trainer import TINY_STCN
+
+    video, masks, labels = own_clip
+    data = tmp_path / "data"
+    prepare(video, masks, data, progress=False)
+    prepare(video, masks, data, name="held_out", split="val", progress=False)
+    seen = []
+
+    def fake_predict(split, net, out, device, size, progress):
+        seen.append(size)
+        raise RuntimeError("stop after the size")
+
+    monkeypatch.setattr("corrvos.eval.predict.predict_split", fake_predict)
+    for eval_size, expected in ((None, 80), (0, None), (48, 48)):
+        trainer = Trainer(TrainOptions(model=TINY_STCN, data=[str(data)], out=str(tmp_path / f"run{eval_size}"),
+                                       crop=64, batch=2, iters=1, workers=0, progress=False, eval_data=str(data),
+                                       eval_size=eval_size))
+        assert trainer._evaluate(None, None) is None and seen[-1] == expected
+    assert build_parser().parse_args(["--model", "stcn-s", "--data", "d", "--out", "o"]).eval_size is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--model", "stcn-s", "--data", "d", "--out", "o", "--eval-size", "8"])
+    assert "--eval-size 8 is too small" in capsys.readouterr().err

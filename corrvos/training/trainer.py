@@ -31,12 +31,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from corrvos.errors import CheckpointError, DatasetError
+from corrvos.models.checkpoint import preferred_size
 from corrvos.models.config import ModelConfig
 from corrvos.training.contrastive import Negatives
 from corrvos.training.forward import VIEW_SCALE, XMEM_DEEP_UPDATE_P, ClipForward
 from corrvos.training.losses import HOST_KEYS, LossConfig, compute_losses, stats_to_floats
 from corrvos.training.schedule import BOOTSTRAP_FINAL_P
 from corrvos.training.stages import StagePreset, get_stage
+from corrvos.tracker_options import processing_size
 
 CHECKPOINT_PREFIX = "ckpt_"
 FINAL_NAME = "final.safetensors"
@@ -91,7 +93,7 @@ class TrainOptions:
     eval_every: int = 0
     eval_data: str | None = None
     eval_sequences: list[str] | None = None
-    eval_size: int | None = 480
+    eval_size: int | None = None  # as --size: None = the training crop's scale (preferred_size), 0 = input size
     progress: bool = True
     deep_update_p: float = XMEM_DEEP_UPDATE_P
     view_scale: float = VIEW_SCALE
@@ -636,7 +638,10 @@ class Trainer:
         try:
             split = open_davis(self.opts.eval_data, "val", sequences=self.opts.eval_sequences)
             with tempfile.TemporaryDirectory() as tmp:
-                predict_split(split, self.net, tmp, device=self.device, size=self.opts.eval_size, progress=False)
+                # The scale the saved weights will run at (load_model's preferred_size from the crop).
+                preferred = preferred_size({"train_options": json.dumps({"crop": self.crop})})
+                size = processing_size(self.opts.eval_size, preferred)
+                predict_split(split, self.net, tmp, device=self.device, size=size, progress=False)
                 score = evaluate_results(split, tmp, progress=False).global_scores()["J&F-Mean"]
         except Exception as err:  # noqa: BLE001 -- a broken eval must not kill a long training run
             print(f"warning: evaluation at iteration {self.iteration} failed: {err}")
