@@ -147,19 +147,24 @@ def palette_image(labels: np.ndarray):
     return img
 
 
-def write_mask(path: PathLike, labels: np.ndarray) -> Path:
-    """Write a label map as a DAVIS palette PNG, atomically (temp file + rename); returns the path."""
+def _write_atomic(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` through a temp file and a rename: a reader never sees half a PNG."""
     path = Path(path)
-    buf = io.BytesIO()
-    palette_image(labels).save(buf, format="PNG", optimize=False)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_bytes(buf.getvalue())
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def write_mask(path: PathLike, labels: np.ndarray) -> Path:
+    """Write a label map as a DAVIS palette PNG, atomically; returns the path."""
+    buf = io.BytesIO()
+    palette_image(labels).save(buf, format="PNG", optimize=False)
+    return _write_atomic(path, buf.getvalue())
 
 
 def matte_png(alpha: np.ndarray) -> bytes:
@@ -175,16 +180,8 @@ def matte_png(alpha: np.ndarray) -> bytes:
 
 
 def write_matte(path: PathLike, alpha: np.ndarray) -> Path:
-    """Write a matte as a greyscale PNG, atomically (temp file + rename); returns the path."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(matte_png(alpha))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    """Write a matte as a greyscale PNG, atomically; returns the path."""
+    return _write_atomic(path, matte_png(alpha))
 
 
 # ----------------------------------------------------------------------------------------------- checks
