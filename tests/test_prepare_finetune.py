@@ -84,6 +84,9 @@ def test_prepare_refusals_are_one_sentence(own_clip, tmp_path, capsys):
     write_mask(one / "00000.png", labels[0])
     assert main(["--video", str(video), "--masks", str(one), "--out", str(out), "--name", "first_only"]) == 0
     assert "train with --stage static" in capsys.readouterr().out  # too few frames for the main stage's clips
+    (out / "JPEGImages" / "480p" / "by_hand").mkdir()  # a sequence copied in without a split list
+    assert main(["--video", str(video), "--masks", str(one), "--out", str(out), "--name", "third"]) == 0
+    assert "by_hand in" in capsys.readouterr().out
 
 
 def test_finetune_from_a_checkpoint_on_the_prepared_folder(own_clip, tmp_path, capsys):

@@ -69,6 +69,14 @@ def list_in_split(out: Path, name: str, split: str) -> None:
         tmp.replace(listing)
 
 
+def unlisted_sequences(out: Path) -> list[str]:
+    """Sequence folders of ``out`` that no split list names (e.g. copied in by hand before prepare made the lists)."""
+    listed = {n for split in SPLITS for f in [out / "ImageSets" / "2017" / f"{split}.txt"] if f.is_file()
+              for n in f.read_text().split()}
+    frames = out / "JPEGImages" / SUBSET
+    return sorted(d.name for d in frames.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in listed)
+
+
 def shrink(image: np.ndarray, labels: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Frame and mask with the shorter side at most ``size`` (0: unchanged); never enlarged."""
     h, w = labels.shape
@@ -133,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     use = (f"train with: python corrvos/train.py --stage main --data {args.out} ..." if args.split == "train" else
            f"score with: train.py --eval-data {args.out}, or python -m corrvos.eval --davis {args.out} --split val ...")
     print(f"wrote {n} frames and masks of {frame_dir.name!r} to {args.out} ({args.split} split; {use})")
+    unlisted = unlisted_sequences(args.out)
+    if unlisted:
+        print(f"note: {', '.join(unlisted[:5])} in {args.out} are in no ImageSets/2017 list, so train.py and the "
+              "evaluation skip them; run prepare for them (or add their names to train.txt)")
     if args.split == "train" and n < MAIN_STAGE_FRAMES["xmem"]:
         # The main stage samples clips of annotated frames; the static stage makes clips from single frames.
         print(f"note: the main stage uses a sequence only with {MAIN_STAGE_FRAMES['stcn']} (STCN) or "
