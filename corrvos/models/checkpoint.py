@@ -145,7 +145,13 @@ def preferred_size(metadata: dict[str, str]) -> int:
         crop = int(json.loads(metadata.get("train_options", "{}")).get("crop") or 0)
     except (ValueError, TypeError, AttributeError):
         crop = 0
-    if crop <= 0:
+    return size_for_crop(crop)
+
+
+def size_for_crop(crop: int | None) -> int:
+    """Inference size for weights trained on ``crop``-pixel crops: upstream's 480p for its 384-pixel crops,
+    scaled alike and rounded to a multiple of 16; 480 when the crop is unknown."""
+    if not crop or crop <= 0:
         return _REFERENCE_SIZE
     return max(16, round(crop * _REFERENCE_SIZE / _REFERENCE_CROP / 16) * 16)
 

@@ -50,7 +50,9 @@ class StoredSequence:
         return len(self.keys)
 
 
-def _resize(rgb: np.ndarray, labels: np.ndarray, short_side: int | None) -> tuple[np.ndarray, np.ndarray]:
+def shrink_to_short_side(rgb: np.ndarray, labels: np.ndarray, short_side: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Frame and label map with the shorter side at most ``short_side`` (None: unchanged); never enlarged.
+    Area averaging for the frame; nearest for the labels, which must stay labels."""
     import cv2
 
     h, w = labels.shape
@@ -109,7 +111,7 @@ def _build_one(job: tuple) -> tuple[str, list[str], int, tuple[int, ...]]:
         raise DatasetError(f"Sequence {name!r}: frames are {rgb.shape[1:3]} but masks are {labels.shape[1:]}; "
                            "every mask must have its frame's size.")
     if short_side is not None:
-        pairs = [_resize(f, m, short_side) for f, m in zip(rgb, labels)]
+        pairs = [shrink_to_short_side(f, m, short_side) for f, m in zip(rgb, labels)]
         rgb, labels = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
     _save_npy(folder / f"{name}.labels.npy", labels)
     _save_npy(folder / f"{name}.rgb.npy", rgb)

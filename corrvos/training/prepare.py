@@ -24,6 +24,7 @@ from tqdm import tqdm
 from corrvos.errors import CorrvosError, InputError
 from corrvos.io.masks import read_given_masks, write_mask
 from corrvos.io.video import load_frames
+from corrvos.training.framestore import shrink_to_short_side
 from corrvos.training.samples import ClipConfig
 
 SUBSET = "480p"  # the DAVIS layout's resolution folder, whatever the frames' real size
@@ -77,18 +78,6 @@ def unlisted_sequences(out: Path) -> list[str]:
     return sorted(d.name for d in frames.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in listed)
 
 
-def shrink(image: np.ndarray, labels: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Frame and mask with the shorter side at most ``size`` (0: unchanged); never enlarged."""
-    h, w = labels.shape
-    if size <= 0 or min(h, w) <= size:
-        return image, labels
-    scale = size / min(h, w)
-    out = (max(1, round(w * scale)), max(1, round(h * scale)))
-    # Area averaging keeps fine texture honest when shrinking; labels must stay labels, hence nearest.
-    return (cv2.resize(image, out, interpolation=cv2.INTER_AREA),
-            cv2.resize(labels, out, interpolation=cv2.INTER_NEAREST))
-
-
 def prepare(video: Path, masks: Path, out: Path, name: str | None = None, size: int = 480,
             overwrite: bool = False, progress: bool = True, split: str = "train") -> Path:
     """Write one sequence; returns its frame folder. Raises InputError (one sentence) on bad input."""
@@ -115,7 +104,7 @@ def prepare(video: Path, masks: Path, out: Path, name: str | None = None, size: 
         d.mkdir(parents=True)
     try:
         for t in tqdm(sorted(given), desc=f"writing {name}", unit="frame", disable=not progress):
-            image, labels = shrink(np.asarray(clip.frames[t]), given[t], size)
+            image, labels = shrink_to_short_side(np.asarray(clip.frames[t]), given[t], size or None)
             stem = clip.names[t]
             if not cv2.imwrite(str(tmp_frames / f"{stem}.jpg"), image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95]):
                 raise InputError(f"could not write {tmp_frames / stem}.jpg; check that {out} is writable.")

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from corrvos.errors import CheckpointError, DatasetError
-from corrvos.models.checkpoint import preferred_size
+from corrvos.models.checkpoint import size_for_crop
 from corrvos.models.config import ModelConfig
 from corrvos.training.contrastive import Negatives
 from corrvos.training.forward import VIEW_SCALE, XMEM_DEEP_UPDATE_P, ClipForward
@@ -639,8 +639,7 @@ class Trainer:
             split = open_davis(self.opts.eval_data, "val", sequences=self.opts.eval_sequences)
             with tempfile.TemporaryDirectory() as tmp:
                 # The scale the saved weights will run at (load_model's preferred_size from the crop).
-                preferred = preferred_size({"train_options": json.dumps({"crop": self.crop})})
-                size = processing_size(self.opts.eval_size, preferred)
+                size = processing_size(self.opts.eval_size, size_for_crop(self.crop))
                 predict_split(split, self.net, tmp, device=self.device, size=size, progress=False)
                 score = evaluate_results(split, tmp, progress=False).global_scores()["J&F-Mean"]
         except Exception as err:  # noqa: BLE001 -- a broken eval must not kill a long training run
