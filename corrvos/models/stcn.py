@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from corrvos.models.backbones import KeyEncoder, ValueResNet
+from corrvos.models.backbones import ValueResNet, build_key_encoder
 from corrvos.models.blocks import (
     FeatureFusionBlock,
     KeyProjection,
@@ -64,7 +64,7 @@ class MatchingNetwork(nn.Module):
     """
 
     config: ModelConfig
-    key_encoder: KeyEncoder
+    key_encoder: nn.Module
     key_proj: KeyProjection
     # Shorter side frames should be resized to at inference: the scale the weights were trained at
     # (load_model sets it from the checkpoint; 480 is the upstream protocol).
@@ -124,7 +124,7 @@ class STCN(MatchingNetwork):
             raise ValueError("STCN needs a config with arch='stcn' and hidden_dim=0")
         self.config = config
         f16_dim = config.key_feature_dims[0]
-        self.key_encoder = KeyEncoder(config.key_backbone)
+        self.key_encoder = build_key_encoder(config.key_backbone)
         self.value_encoder = STCNValueEncoder(config)
         self.key_proj = KeyProjection(f16_dim, config.key_dim, xmem_terms=False)
         # key_comp turns the query frame's f16 into the skip path concatenated with the readout.

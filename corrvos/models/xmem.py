@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from corrvos.models.backbones import KeyEncoder, ValueResNet
+from corrvos.models.backbones import ValueResNet, build_key_encoder
 from corrvos.models.blocks import FeatureFusionBlock, KeyProjection, UpsampleBlock, expand_objects, fold_objects
 from corrvos.models.config import ModelConfig
 from corrvos.models.stcn import KeyFeatures, MatchingNetwork, predict_logits, upsample_logits, value_encoder_input
@@ -127,7 +127,7 @@ class XMem(MatchingNetwork):
             raise ValueError("XMem needs a config with arch='xmem'")
         self.config = config
         f16_dim = config.key_feature_dims[0]
-        self.key_encoder = KeyEncoder(config.key_backbone)
+        self.key_encoder = build_key_encoder(config.key_backbone)
         self.value_encoder = XMemValueEncoder(config)
         self.key_proj = KeyProjection(f16_dim, config.key_dim, xmem_terms=True)
         self.decoder = XMemDecoder(config)

@@ -17,9 +17,11 @@ proposal cache uses the same keys.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,7 +125,8 @@ def find_sequences(root: PathLike, split: str = "train", sequences: list[str] | 
         raise DatasetError(f"{root} is not a DAVIS, YouTube-VOS or compact DAVIS folder (no JPEGImages/ or videos/); "
                            "point --data at the dataset root.")
     if names is None:
-        names = sorted((p.name for p in image_root.iterdir() if p.is_dir()), key=natural_key)
+        names = sorted((p.name for p in image_root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                       key=natural_key)
     seqs = [s for n in names if (s := _pair_frames(n, image_root / n, mask_root / n, divisor)) is not None]
     missing = [n for n in names if not any(s.name == n for s in seqs)]
     if wanted is not None and missing:
@@ -137,11 +140,12 @@ def find_sequences(root: PathLike, split: str = "train", sequences: list[str] | 
 def unpack_compact(root: PathLike, out: PathLike, sequences: list[str] | None = None, quality: int = 95) -> Path:
     """Decode the compact copy's videos into ``OUT/JPEGImages/480p/<seq>/%05d.jpg`` (+ masks) once.
 
-    Each sequence is written to a temporary folder and renamed when complete, so an interrupted
-    unpack never leaves a half-written sequence that a later call would trust.
+    Safe when several processes (DDP ranks, two trainings) unpack into the same cache at once: each
+    sequence is unpacked under an exclusive per-sequence lock, into temporary folders with names unique
+    to the process, and renamed into place only when complete; a process that waited for the lock finds
+    the finished sequence and leaves it alone. An interrupted unpack never leaves a half-written
+    sequence that a later call would trust.
     """
-    import cv2
-
     root, out = Path(root), Path(out)
     names = sequences or sorted(p.stem for p in (root / "videos").glob("*.mp4"))
     for name in names:
@@ -149,27 +153,56 @@ def unpack_compact(root: PathLike, out: PathLike, sequences: list[str] | None = 
         adir = out / "Annotations" / "480p" / name
         if jdir.is_dir() and adir.is_dir():
             continue
-        video = root / "videos" / f"{name}.mp4"
-        masks = sorted((root / "Annotations" / "480p" / name).glob("*.png"))
-        if not video.is_file() or not masks:
-            raise DatasetError(f"The compact copy {root} has no video or masks for sequence {name!r}.")
-        frames = read_video(video)
-        if len(frames) != len(masks):
-            raise DatasetError(f"{video} has {len(frames)} frames but {len(masks)} masks; the compact copy is damaged.")
-        for final, write in ((jdir, "frames"), (adir, "masks")):
-            tmp = final.with_name(final.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+        with _sequence_lock(out, name):
+            if jdir.is_dir() and adir.is_dir():  # another process finished it while we waited
+                continue
+            _unpack_sequence(root, name, jdir, adir, quality)
+    return out
+
+
+@contextlib.contextmanager
+def _sequence_lock(out: Path, name: str):
+    """Exclusive lock of one sequence of the cache, shared by every process on this machine."""
+    lock_dir = out / ".locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{name}.lock", "a+") as handle:
+        try:
+            import fcntl
+        except ImportError:  # Windows: the unique temporary names below still keep writers apart
+            yield
+            return
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _unpack_sequence(root: Path, name: str, jdir: Path, adir: Path, quality: int) -> None:
+    import cv2
+
+    video = root / "videos" / f"{name}.mp4"
+    masks = sorted((root / "Annotations" / "480p" / name).glob("*.png"))
+    if not video.is_file() or not masks:
+        raise DatasetError(f"The compact copy {root} has no video or masks for sequence {name!r}.")
+    frames = read_video(video)
+    if len(frames) != len(masks):
+        raise DatasetError(f"{video} has {len(frames)} frames but {len(masks)} masks; the compact copy is damaged.")
+    for final, write in ((jdir, "frames"), (adir, "masks")):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        try:
             if write == "frames":
                 for t, rgb in enumerate(frames):
                     cv2.imwrite(str(tmp / f"{t:05d}.jpg"), rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
             else:
                 for m in masks:
                     shutil.copy2(m, tmp / m.name)
-            if final.exists():
+            if final.exists():  # left by an interrupted run: its partner folder is missing
                 shutil.rmtree(final)
             os.replace(tmp, final)
-    return out
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def compact_frames(root: PathLike, split: str = "train", sequences: list[str] | PathLike | None = None,

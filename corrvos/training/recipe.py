@@ -52,7 +52,7 @@ VARIANTS = {"baseline": "none", "corr": "pcl,ocl", "pcl": "pcl", "ocl": "ocl"}
 DEFAULT_VARIANTS = ("baseline", "corr")
 # Iterations (static, main) per model for one ~9-minute job on one H100, four arms at once: see
 # docs/training.md for the arithmetic. Both arms of a pair always get the same numbers.
-DEFAULT_ITERS = {"stcn-s": (300, 800), "xmem-s": (200, 500)}
+DEFAULT_ITERS = {"stcn-s": (300, 800), "xmem-s": (200, 500), "stcn-lite": (300, 800), "xmem-lite": (200, 500)}
 Point = tuple[int, int]  # (stage index, iteration within that stage): ordered progress of an arm
 
 
@@ -172,6 +172,8 @@ def stage_command(arm: Arm, stage: int, args: argparse.Namespace, workers: int, 
         cmd += ["--load", str(load)]
     if start_iteration:
         cmd += ["--start-iteration", str(start_iteration)]
+    if args.imagenet and load is None:
+        cmd += ["--imagenet"]
     if stage == arm.end[0] and arm.end[1] < arm.iters[stage]:
         cmd += ["--stop-at", str(arm.end[1])]
     for flag, value in (("--device", args.device), ("--crop", args.crop), ("--sequences", args.sequences),
@@ -408,11 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--report-every", type=float, default=30.0, help="progress line every N seconds")
     r.add_argument("--cpus", type=int, help="cores to share among the arms' loader workers (default: all)")
     r.add_argument("--seed", type=int, default=14159265)
+    r.add_argument("--imagenet", action="store_true",
+                   help="start the first stage from ImageNet weights (train.py --imagenet; the next stage loads it)")
     r.add_argument("--device", help="cpu for a dry run (default: cuda)")
     r.add_argument("--crop", type=int, help="crop size (default: the presets' 384)")
     r.add_argument("--batch", type=int, help="effective batch (default: the presets')")
     r.add_argument("--lr", type=float, help="learning rate (default: the presets')")
-    r.add_argument("--bn", choices=["auto", "frozen", "train"],
+    r.add_argument("--bn", choices=["auto", "frozen", "encoder", "train"],
                    help="BatchNorm statistics in both stages (default: train.py's auto, i.e. the main stage, which "
                         "loads the static weights, freezes them)")
     r.add_argument("--bootstrap-p", type=float, default=1.0,

@@ -67,6 +67,10 @@ PRESETS: dict[tuple[str, str], StagePreset] = {
     ("xmem-s", "main"): StagePreset(20_000, 8, 5e-5, (16_000,), "adamw", 0.05, frames=8, max_objects=3,
                                     bootstrap_scale=0.2, alpha_warmup=2_000, **_XMEM_SKIP),
 }
+# The -lite models (ImageNet EfficientNet-Lite2 key encoder) train with the schedules of the -s models.
+for _stage in STAGES:
+    PRESETS[("stcn-lite", _stage)] = PRESETS[("stcn-s", _stage)]
+    PRESETS[("xmem-lite", _stage)] = PRESETS[("xmem-s", _stage)]
 
 
 def parse_stage_point(text: str) -> tuple[int, int]:

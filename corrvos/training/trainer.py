@@ -74,8 +74,8 @@ class TrainOptions:
     frame_cache: str | None = None  # decode the data once into this folder (framestore.py)
     snapshot_every: int = 0  # fp16 weights OUT/snapshots/weights_%08d.safetensors every N iterations
     imagenet: bool = False
-    # BatchNorm: "frozen" (upstream: running statistics of the pretrained encoders kept), "train"
-    # (statistics learned), "auto" = train when the network starts from random weights, else frozen.
+    # BatchNorm: "frozen" (upstream: running statistics of the pretrained encoders kept), "encoder" (only the
+    # key encoder's kept), "train" (statistics learned), "auto": see resolve_bn_mode.
     bn: str = "auto"
     # Final fraction of hardest pixels of the bootstrapped CE (upstream 0.15); 1.0 = plain CE. From
     # random weights on a short schedule 0.15 kills the decoder (see docs/training.md).
@@ -118,6 +118,25 @@ def freeze_bn(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
+
+
+BN_MODES = ("auto", "frozen", "encoder", "train")
+
+
+def resolve_bn_mode(mode: str, net: nn.Module, imagenet: bool, loaded: bool) -> str:
+    """``auto`` -> what the starting weights call for: frozen for loaded weights, or when every encoder came from
+    ImageNet; ``encoder`` (the pretrained key encoder's statistics kept, the random-init rest learned) when only
+    the key encoder did; ``train`` from random weights."""
+    if mode not in BN_MODES:
+        raise ValueError(f"--bn must be one of {', '.join(BN_MODES)}, not {mode!r}")
+    if mode != "auto":
+        return mode
+    if loaded:
+        return "frozen"
+    if imagenet:
+        full_value = net.config.value_widths == (64, 128, 256)  # only full-width value encoders take ImageNet weights
+        return "frozen" if full_value else "encoder"
+    return "train"
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -262,7 +281,7 @@ class Trainer:
         if opts.load:
             self._load_weights(net, opts.load)
         self.net = net.to(self.device)
-        self.bn_frozen = opts.bn == "frozen" or (opts.bn == "auto" and bool(opts.imagenet or opts.load))
+        self.bn_mode = resolve_bn_mode(opts.bn, net, imagenet=opts.imagenet, loaded=bool(opts.load))
         self.arch = net.config.arch
         self.forward_module: nn.Module = ClipForward(self.net, opts.deep_update_p, opts.view_scale)
         if self.world > 1:
@@ -301,6 +320,17 @@ class Trainer:
         torch.manual_seed(opts.seed + self.rank)
         if opts.resume:
             self._resume()
+
+    @property
+    def bn_frozen(self) -> bool:
+        """Every BatchNorm keeps its running statistics (``--bn frozen``)."""
+        return self.bn_mode == "frozen"
+
+    def _freeze_bn(self) -> None:
+        if self.bn_mode == "frozen":
+            freeze_bn(self.net)
+        elif self.bn_mode == "encoder":
+            freeze_bn(self.net.key_encoder)
 
     # ------------------------------------------------------------------ setup
     def _load_weights(self, net: nn.Module, path: str) -> None:
@@ -519,8 +549,7 @@ class Trainer:
     def train_step(self, batches: list[dict[str, Any]]) -> dict[str, float]:
         """One optimiser step over ``accum`` micro-batches; returns the averaged loss terms."""
         self.forward_module.train()
-        if self.bn_frozen:
-            freeze_bn(self.forward_module)
+        self._freeze_bn()
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, Any] = {}
         for i, batch in enumerate(batches):
@@ -532,7 +561,7 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         if self.world > 1 and not self.bn_frozen:
-            self._sync_bn_stats()
+            self._sync_bn_stats()  # the frozen ones are equal on every rank, so averaging keeps them
         self.iteration += 1
         return stats_to_floats(totals)  # the step's only device synchronisation
 
@@ -647,8 +676,7 @@ class Trainer:
             return None
         finally:
             self.net.train()
-            if self.bn_frozen:
-                freeze_bn(self.net)
+            self._freeze_bn()
         if log is not None:
             with open(self.out / "eval.csv", "a") as f:
                 f.write(f"{self.iteration},{score!r}\n")
