@@ -181,6 +181,7 @@ def read_checkpoint(
     path = Path(path)
     state_dict, metadata = _read_file(path)
     state_dict = _strip_prefix(state_dict)
+    state_dict = _drop_training_heads(state_dict, path.name, metadata)
     state_dict = _pad_value_conv1(state_dict, pad)
     if CONFIG_KEY in metadata:
         try:
@@ -193,6 +194,25 @@ def read_checkpoint(
     else:
         config = infer_config(state_dict, path.name)
     return state_dict, config, metadata
+
+
+# Heads some upstream training networks carry that no inference path reads: dropped with a note, never silently.
+TRAINING_HEADS = {
+    "key_proj2.": "the correspondence paper's training-only key head (its correspondence losses ran on it; "
+                  "inference reads key_proj)",
+}
+
+
+def _drop_training_heads(state_dict: dict[str, Tensor], source: str,
+                         metadata: dict[str, str]) -> dict[str, Tensor]:
+    for prefix, what in TRAINING_HEADS.items():
+        dropped = [k for k in state_dict if k.startswith(prefix)]
+        if dropped:
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
+            metadata["dropped_keys"] = ",".join(sorted(set(metadata.get("dropped_keys", "").split(",")) - {""}
+                                                      | set(dropped)))
+            warnings.warn(f"{source}: dropped {prefix.rstrip('.')} ({len(dropped)} tensors), {what}.", stacklevel=3)
+    return state_dict
 
 
 def load_weights(model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:
@@ -262,7 +282,9 @@ def infer_config(state_dict: dict[str, Tensor], source: str = "checkpoint") -> M
         "cbam_reduction": base.cbam_reduction,
     }
     if arch == "stcn":
-        first = "decoder.compress.conv2.weight"
+        corr_decoder = any(k.startswith("decoder.fuser.") for k in state_dict)
+        first = "decoder.fuser.block2.conv2.weight" if corr_decoder else "decoder.compress.conv2.weight"
+        fields["decoder_style"] = "corr" if corr_decoder else "stcn"
         fields["hidden_dim"] = 0
     else:
         first = "decoder.fuser.block2.conv2.weight"

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 ARCHS = ("stcn", "xmem")
+DECODER_STYLES = ("stcn", "corr")
 KEY_BACKBONES = ("resnet50", "resnet18", "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 
 # Channels of the key encoder's (f16, f8, f4) for each backbone: ResNet layer3 / layer2 / layer1 outputs,
@@ -47,6 +48,9 @@ class ModelConfig:
     decoder_dims: tuple[int, int, int] = (512, 256, 256)
     hidden_mid_dim: int = 256
     cbam_reduction: int = 16
+    # STCN's decoder input: "stcn" = compress(cat(readout, key_comp(f16))) as upstream; "corr" = the CVPR 2023
+    # correspondence paper's release (wenguanwang/VOS_Correspondence): fuser(cat(f16, readout)), no key_comp.
+    decoder_style: str = "stcn"
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -55,6 +59,9 @@ class ModelConfig:
             raise ValueError(f"key_backbone must be one of {KEY_BACKBONES}, got {self.key_backbone!r}")
         if self.arch == "stcn" and self.hidden_dim != 0:
             raise ValueError("STCN has no sensory memory: hidden_dim must be 0")
+        if self.decoder_style not in DECODER_STYLES or (self.decoder_style != "stcn" and self.arch != "stcn"):
+            raise ValueError(f"decoder_style must be one of {DECODER_STYLES} (\"corr\" for STCN only), "
+                             f"got {self.decoder_style!r}")
         # JSON gives lists back; keep tuples so configs compare equal and stay hashable.
         object.__setattr__(self, "value_widths", tuple(int(v) for v in self.value_widths))
         object.__setattr__(self, "decoder_dims", tuple(int(v) for v in self.decoder_dims))
@@ -92,6 +99,9 @@ class ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     # Upstream STCN (hkchengrex/STCN eval_network.STCN).
     "stcn": ModelConfig(arch="stcn", name="stcn"),
+    # The correspondence paper's released STCN (wenguanwang/VOS_Correspondence, release CKPT): the decoder fuses the
+    # query f16 with the readout (FeatureFusionBlock(1024 + 512 -> 512)), no key_comp.
+    "stcn-corr": ModelConfig(arch="stcn", name="stcn-corr", decoder_style="corr"),
     # Upstream XMem (hkchengrex/XMem model/network.XMem), with sensory memory.
     "xmem": ModelConfig(
         arch="xmem", name="xmem", hidden_dim=64, value_bias=False, hidden_mid_dim=256

@@ -102,17 +102,22 @@ class STCNValueEncoder(ValueResNet):
 
 
 class STCNDecoder(nn.Module):
+    """``compress`` (upstream) or ``fuser`` (the correspondence paper's release) at 1/16, then two upsampling steps."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        _, f8_dim, f4_dim = config.key_feature_dims
+        f16_dim, f8_dim, f4_dim = config.key_feature_dims
         d16, d8, d4 = config.decoder_dims
-        self.compress = ResBlock(2 * config.value_dim, d16)
+        if config.decoder_style == "corr":
+            self.fuser = FeatureFusionBlock(f16_dim + config.value_dim, d16, d16, config.cbam_reduction)
+        else:
+            self.compress = ResBlock(2 * config.value_dim, d16)
         self.up_16_8 = UpsampleBlock(f8_dim, d16, d8)
         self.up_8_4 = UpsampleBlock(f4_dim, d8, d4)
         self.pred = nn.Conv2d(d4, 1, 3, padding=1)
 
     def forward(self, f8: Tensor, f4: Tensor, x: Tensor) -> Tensor:
-        g16 = self.compress(x)
+        g16 = self.fuser(x) if hasattr(self, "fuser") else self.compress(x)
         g4 = self.up_8_4(f4, self.up_16_8(f8, g16))
         return upsample_logits(predict_logits(self.pred, g4))
 
@@ -127,8 +132,9 @@ class STCN(MatchingNetwork):
         self.key_encoder = build_key_encoder(config.key_backbone)
         self.value_encoder = STCNValueEncoder(config)
         self.key_proj = KeyProjection(f16_dim, config.key_dim, xmem_terms=False)
-        # key_comp turns the query frame's f16 into the skip path concatenated with the readout.
-        self.key_comp = nn.Conv2d(f16_dim, config.value_dim, 3, padding=1)
+        # key_comp turns the query frame's f16 into the skip path concatenated with the readout; the
+        # correspondence paper's decoder takes f16 itself.
+        self.key_comp = nn.Conv2d(f16_dim, config.value_dim, 3, padding=1) if config.decoder_style == "stcn" else None
         self.decoder = STCNDecoder(config)
 
     def encode_value(
@@ -151,5 +157,8 @@ class STCN(MatchingNetwork):
         update_hidden: bool = True,
     ) -> tuple[None, Tensor]:
         """``readout`` ``(B, K, Cv, h, w)`` -> (None, logits ``(B, K, H, W)``)."""
-        qv16 = expand_objects(self.key_comp(feats.f16), readout.shape[1])
-        return None, self.decoder(feats.f8, feats.f4, torch.cat([readout, qv16], dim=2))
+        if self.key_comp is None:  # the correspondence paper's order: query f16 first
+            x = torch.cat([expand_objects(feats.f16, readout.shape[1]), readout], dim=2)
+        else:
+            x = torch.cat([readout, expand_objects(self.key_comp(feats.f16), readout.shape[1])], dim=2)
+        return None, self.decoder(feats.f8, feats.f4, x)
