@@ -25,6 +25,7 @@ from app.session import (
     ModelRun,
     Session,
     SessionStore,
+    checkpoint_file,
     default_checkpoints,
     example_files,
     list_checkpoints,
@@ -103,22 +104,23 @@ class AppHandlers:
 
     # ------------------------------------------------------------------------------------------- status text
     def checkpoint_choices(self) -> tuple[list[str], str | None, str | None]:
-        names = list_checkpoints(self.config.checkpoints)
+        names = list_checkpoints(self.config.checkpoints, self.config.weights_cache)
         a, b = default_checkpoints(names)
         return names, a, b
 
     def checkpoint_message(self, ckpt_a: str | None = None, ckpt_b: str | None = None) -> str:
         """How many checkpoints there are, and what the chosen A and B are (from their training record)."""
-        names = list_checkpoints(self.config.checkpoints)
+        names = list_checkpoints(self.config.checkpoints, self.config.weights_cache)
         if not names:
             return (
                 f"**No checkpoints found** in `{self.config.checkpoints}`. Put `*.safetensors` files (or upstream "
-                "`stcn.pth` / `XMem.pth`) there and press ↻."
+                "`stcn.pth` / `XMem.pth`) there, or fetch the official ones with `python -m corrvos.weights fetch "
+                "xmem stcn stcn-corr`, and press ↻."
             )
         lines = [f"{len(names)} checkpoint(s) in `{self.config.checkpoints}`."]
         for slot, name in (("A", ckpt_a), ("B", ckpt_b)):
             if name in names:
-                lines.append(f"**{slot}:** {describe_checkpoint(self.config.checkpoints / name)}")
+                lines.append(f"**{slot}:** {describe_checkpoint(checkpoint_file(self.config, name))}")
         return "  \n".join(lines)
 
     def header(self) -> str:
@@ -213,14 +215,12 @@ class AppHandlers:
     # ------------------------------------------------------------------------------------------- propagate
     def _checkpoint_path(self, name: str | None, slot: str) -> Path:
         if not name:
-            if not list_checkpoints(self.config.checkpoints):
+            if not list_checkpoints(self.config.checkpoints, self.config.weights_cache):
                 raise CheckpointError(
                     f"no checkpoint is available in {self.config.checkpoints}; put .safetensors or upstream .pth files there."
                 )
             raise CheckpointError(f"no checkpoint is chosen for model {slot}; pick one from the list.")
-        path = Path(name)
-        if not path.is_absolute():
-            path = self.config.checkpoints / name
+        path = checkpoint_file(self.config, name)
         if not path.is_file():
             raise CheckpointError(f"the checkpoint {path.name} for model {slot} does not exist any more; press ↻ and pick another.")
         return path

@@ -55,6 +55,8 @@ class AppConfig:
     # each model gets those of its architecture.
     tracker_options: dict = field(default_factory=dict)
     work_root: Path | None = None  # where overlay videos and exports go; a temp dir by default
+    # Official checkpoints fetched with `python -m corrvos.weights fetch` (listed as "official/<file>"); None: none.
+    weights_cache: Path | None = field(default_factory=lambda: _default_weights_cache())
 
     def __post_init__(self) -> None:
         self.checkpoints = Path(self.checkpoints)
@@ -70,11 +72,32 @@ class AppConfig:
         return "CPU (no GPU found)"
 
 
-def list_checkpoints(folder: Path) -> list[str]:
-    """Checkpoint file names in ``folder`` (safetensors and upstream .pth), sorted."""
-    if not folder.is_dir():
-        return []
-    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
+OFFICIAL_PREFIX = "official/"
+
+
+def _default_weights_cache() -> Path:
+    from corrvos.weights import weights_dir
+
+    return weights_dir()
+
+
+def list_checkpoints(folder: Path, weights_cache: Path | None = None) -> list[str]:
+    """Checkpoint file names in ``folder`` (safetensors and upstream .pth), sorted; then the official files
+    fetched into ``weights_cache`` as ``official/<file>``."""
+    def files(where: Path | None) -> list[str]:
+        if where is None or not where.is_dir():
+            return []
+        return sorted(p.name for p in where.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
+
+    return files(folder) + [OFFICIAL_PREFIX + n for n in files(weights_cache)]
+
+
+def checkpoint_file(config: AppConfig, name: str) -> Path:
+    """The file behind a name of :func:`list_checkpoints` (an absolute path is taken as it is)."""
+    if name.startswith(OFFICIAL_PREFIX) and config.weights_cache is not None:
+        return config.weights_cache / name[len(OFFICIAL_PREFIX):]
+    path = Path(name)
+    return path if path.is_absolute() else config.checkpoints / name
 
 
 def default_checkpoints(names: Sequence[str]) -> tuple[str | None, str | None]:

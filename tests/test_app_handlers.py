@@ -79,8 +79,25 @@ def test_checkpoint_listing_and_defaults(assets, tmp_path):
     assert default_checkpoints([]) == (None, None)
     message = AppHandlers(AppConfig(checkpoints=assets["ckpt_dir"], device="cpu")).checkpoint_message(*names)
     assert "**A:** stcn-s" in message and "**B:** stcn-s" in message
-    empty = AppHandlers(AppConfig(checkpoints=tmp_path, device="cpu"))
+    empty = AppHandlers(AppConfig(checkpoints=tmp_path, device="cpu", weights_cache=None))
     assert "No checkpoints found" in empty.checkpoint_message()
+    assert "python -m corrvos.weights fetch" in empty.checkpoint_message()
+
+
+def test_official_checkpoints_in_the_weights_cache_are_listed_and_load(assets, tmp_path):
+    """Files fetched by `python -m corrvos.weights` appear as official/<file> beside the folder's own."""
+    import shutil
+
+    cache = tmp_path / "weights"
+    cache.mkdir()
+    shutil.copy(assets["ckpts"][0], cache / "stcn.pth.safetensors")
+    (cache / "stcn.pth.part").write_bytes(b"half a download")  # never listed
+    h = AppHandlers(AppConfig(checkpoints=assets["ckpt_dir"], device="cpu", weights_cache=cache), MODELS)
+    names, a, b = h.checkpoint_choices()
+    assert names == ["stcn-s_baseline.safetensors", "stcn-s_corr.safetensors", "official/stcn.pth.safetensors"]
+    assert (a, b) == ("stcn-s_baseline.safetensors", "stcn-s_corr.safetensors")
+    assert h._checkpoint_path("official/stcn.pth.safetensors", "A") == cache / "stcn.pth.safetensors"
+    assert "**B:** stcn-s" in h.checkpoint_message(a, "official/stcn.pth.safetensors")
 
 
 def test_propagate_previews_then_full_results(assets, propagated):

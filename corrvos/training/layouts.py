@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from corrvos.cache import default_cache_dir
 from corrvos.errors import DatasetError
 from corrvos.io.davis import read_split_file
 from corrvos.io.video import natural_key, read_video
@@ -45,10 +46,6 @@ class VideoSequence:
     @property
     def keys(self) -> list[str]:
         return [f"{self.name}/{p.stem}" for p in self.frames]
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("CORRVOS_CACHE", Path.home() / ".cache" / "corrvos")).expanduser()
 
 
 def is_compact(root: PathLike) -> bool:
