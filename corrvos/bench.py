@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from corrvos.errors import CorrvosError, InputError
+from corrvos.models.config import PRESETS
 from corrvos.precision import check_precision
 from corrvos.tracker_options import add_tracker_arguments, tracker_options
 
@@ -36,7 +37,7 @@ if TYPE_CHECKING:  # type hints only: the tracker's modules are imported when a 
     from corrvos.benchmarking.stages import StageTimer
     from corrvos.inference.tracker import Tracker
 
-MODELS = ("stcn", "stcn-s", "xmem", "xmem-s")
+MODELS = tuple(PRESETS)
 # Distinct frames kept on the device; longer runs cycle them (the synthetic motion is periodic in this).
 MAX_DISTINCT_FRAMES = 100
 COMPILED_METHODS = ("encode_key", "encode_value", "decode")

@@ -21,10 +21,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from corrvos.errors import CorrvosError  # noqa: E402
+from corrvos.models.config import PRESETS  # noqa: E402
 from corrvos.tracker_options import size_type  # noqa: E402
 from corrvos.training.schedule import BOOTSTRAP_FINAL_P  # noqa: E402
 
-MODELS = ("stcn", "stcn-s", "stcn-lite", "xmem", "xmem-s", "xmem-lite")
+MODELS = tuple(PRESETS)
 
 
 def _csv_list(text: str) -> list[str]:

@@ -200,3 +200,42 @@ def test_stage_presets():
             get_stage(model, stage)
     with pytest.raises(ValueError):
         get_stage("stcn", "bl30k")
+
+
+def test_a_new_network_preset_needs_no_other_entry(monkeypatch):
+    """Adding a preset to corrvos.models.config.PRESETS is enough: its schedules follow its size and architecture."""
+    from corrvos.models import config as model_config
+    from corrvos.training.stages import get_stage, schedule_family
+
+    monkeypatch.setitem(model_config.PRESETS, "xmem-tiny-test", get_config("xmem-s").replace(name="xmem-tiny-test"))
+    monkeypatch.setitem(model_config.PRESETS, "stcn-big-test", get_config("stcn").replace(name="stcn-big-test"))
+    assert schedule_family("xmem-tiny-test") == "xmem-s" and schedule_family("stcn-big-test") == "stcn"
+    assert get_stage("xmem-tiny-test", "main") == get_stage("xmem-s", "main")
+    assert schedule_family("stcn-lite") == "stcn-s" and schedule_family("stcn-corr") == "stcn"
+    from corrvos.train import MODELS
+
+    assert {"stcn-lite", "xmem-lite", "stcn-corr", "stcn-s"} <= set(MODELS)
+
+
+@pytest.mark.parametrize("name,changes", [
+    # The correspondence paper's decoder (fuser over cat(f16, readout)), on a ResNet-18 key encoder to stay small.
+    ("stcn-corr", dict(key_backbone="resnet18", value_dim=32, value_widths=(16, 32, 64), decoder_dims=(32, 16, 16))),
+    ("stcn-lite", dict(key_backbone="efficientnet-lite0", value_dim=32, value_widths=(16, 32, 64),
+                       decoder_dims=(32, 16, 16))),
+])
+def test_other_architectures_train_with_both_losses_and_encoder_bn(davis2016_root, proposals, tmp_path, name, changes):
+    """--bn encoder keeps the key encoder's statistics and learns the rest's."""
+    from corrvos.training.trainer import Trainer
+
+    config = get_config(name).replace(**changes)
+    trainer = Trainer(_options(davis2016_root, tmp_path, proposals, model=config, iters=2, alpha_warmup=0, bn="encoder"))
+    before = {k: v.clone() for k, v in trainer.net.state_dict().items()}
+    trainer.train()
+    rows = _log(tmp_path)
+    assert all(np.isfinite(float(r[k])) and float(r[k]) > 0 for r in rows for k in ("ce", "pcl", "ocl"))
+    after = trainer.net.state_dict()
+    key_bn = [k for k in before if k.startswith("key_encoder.") and k.endswith("running_mean")]
+    value_bn = [k for k in before if k.startswith("value_encoder.") and k.endswith("running_mean")]
+    assert key_bn and all(torch.equal(after[k], before[k]) for k in key_bn)
+    assert value_bn and not any(torch.equal(after[k], before[k]) for k in value_bn)
+    assert not torch.equal(after["decoder.pred.weight"], before["decoder.pred.weight"])

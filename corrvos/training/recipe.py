@@ -44,7 +44,8 @@ from pathlib import Path
 
 from corrvos.errors import DatasetError
 from corrvos.models.checkpoint import checkpoint_metadata
-from corrvos.training.stages import STAGES, parse_stage_point
+from corrvos.models.config import PRESETS as MODEL_PRESETS
+from corrvos.training.stages import STAGES, parse_stage_point, schedule_family
 
 REPO = Path(__file__).resolve().parents[2]
 # Arm variants: the shipped pair is baseline + corr; pcl and ocl complete the paper's Table 4 ablation.
@@ -52,7 +53,9 @@ VARIANTS = {"baseline": "none", "corr": "pcl,ocl", "pcl": "pcl", "ocl": "ocl"}
 DEFAULT_VARIANTS = ("baseline", "corr")
 # Iterations (static, main) per model for one ~9-minute job on one H100, four arms at once: see
 # docs/training.md for the arithmetic. Both arms of a pair always get the same numbers.
-DEFAULT_ITERS = {"stcn-s": (300, 800), "xmem-s": (200, 500), "stcn-lite": (300, 800), "xmem-lite": (200, 500)}
+DEFAULT_ITERS = {"stcn-s": (300, 800), "xmem-s": (200, 500)}
+# Every small network preset can run (its iterations default to those of its schedule family).
+MODEL_CHOICES = tuple(m for m in MODEL_PRESETS if schedule_family(m) in DEFAULT_ITERS)
 Point = tuple[int, int]  # (stage index, iteration within that stage): ordered progress of an arm
 
 
@@ -277,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.proposals is None and (args.data / "proposals.npz").is_file():
         args.proposals = args.data / "proposals.npz"
-    iters = dict(DEFAULT_ITERS)
+    iters = {m: DEFAULT_ITERS[schedule_family(m)] for m in MODEL_CHOICES}
     for item in args.iters or []:
         model, _, value = item.partition("=")
         static, _, main = value.partition(",")
@@ -396,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--work", type=Path, default=Path("/tmp/corrvos-recipe"), help="run folders (local disk)")
     r.add_argument("--frame-cache", type=Path, default=Path("/tmp/corrvos-frames"), help="decoded frames (3.4 GB)")
     r.add_argument("--resume-from", type=Path, help="folder with <arm>.safetensors returned by an earlier job")
-    r.add_argument("--models", nargs="+", default=list(DEFAULT_ITERS), choices=list(DEFAULT_ITERS))
+    r.add_argument("--models", nargs="+", default=list(DEFAULT_ITERS), choices=list(MODEL_CHOICES))
     r.add_argument("--iters", nargs="+", metavar="MODEL=STATIC,MAIN",
                    help=f"iterations per model (default {' '.join(f'{m}={s},{n}' for m, (s, n) in DEFAULT_ITERS.items())})")
     r.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),

@@ -67,10 +67,6 @@ PRESETS: dict[tuple[str, str], StagePreset] = {
     ("xmem-s", "main"): StagePreset(20_000, 8, 5e-5, (16_000,), "adamw", 0.05, frames=8, max_objects=3,
                                     bootstrap_scale=0.2, alpha_warmup=2_000, **_XMEM_SKIP),
 }
-# The -lite models (ImageNet EfficientNet-Lite2 key encoder) train with the schedules of the -s models.
-for _stage in STAGES:
-    PRESETS[("stcn-lite", _stage)] = PRESETS[("stcn-s", _stage)]
-    PRESETS[("xmem-lite", _stage)] = PRESETS[("xmem-s", _stage)]
 
 
 def parse_stage_point(text: str) -> tuple[int, int]:
@@ -81,10 +77,24 @@ def parse_stage_point(text: str) -> tuple[int, int]:
     return STAGES.index(stage), int(k)
 
 
+def schedule_family(model: str) -> str:
+    """The model whose schedules ``model`` trains with: itself when listed above, else by size and architecture
+    (a ResNet-50 key encoder: upstream's "stcn" / "xmem"; any smaller one: "stcn-s" / "xmem-s"), so that a new
+    network preset needs no entry here."""
+    if any(m == model for m, _ in PRESETS):
+        return model
+    from corrvos.models.config import PRESETS as MODEL_PRESETS
+
+    config = MODEL_PRESETS.get(model)
+    if config is None:
+        return model
+    return config.arch if config.key_backbone == "resnet50" else f"{config.arch}-s"
+
+
 def get_stage(model: str, stage: str) -> StagePreset:
-    """Preset for ``model`` ("stcn", "stcn-s", "xmem", "xmem-s") and ``stage`` ("static", "main")."""
+    """Preset for ``model`` (any network preset; see :func:`schedule_family`) and ``stage`` ("static", "main")."""
     try:
-        return PRESETS[(model, stage)]
+        return PRESETS[(schedule_family(model), stage)]
     except KeyError:
         models = sorted({m for m, _ in PRESETS})
         raise ValueError(f"no preset for model {model!r} stage {stage!r}; models: {', '.join(models)}; "

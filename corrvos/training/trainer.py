@@ -348,9 +348,8 @@ class Trainer:
         from corrvos.training.datasets import ClipConfig
 
         preset = self.preset
-        arch = "xmem" if preset.frames == 8 else "stcn"
         interp = {"interpolation": "bilinear"} if self.arch == "xmem" else {}
-        return ClipConfig.preset(arch, num_frames=preset.frames, max_objects=preset.max_objects,
+        return ClipConfig.preset(self.arch, num_frames=preset.frames, max_objects=preset.max_objects,
                                  crop_size=self.crop, second_view=self.loss_config.pcl and self.opts.cross_view,
                                  **interp)
 
