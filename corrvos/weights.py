@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(fetch(name, args.cache, args.url, args.progress, args.force))
     except CorrvosError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

@@ -146,7 +146,7 @@ def test_cli_list_fetch_path(server, tmp_path, capsys):
     assert weights.main(["--cache", str(tmp_path), "list"]) == 0
     listing = capsys.readouterr().out
     assert "cached:" in listing and "xmem" in listing and "stcn-corr" in listing
-    assert weights.main(["--cache", str(tmp_path / "empty"), "path", "xmem"]) == 1
+    assert weights.main(["--cache", str(tmp_path / "empty"), "path", "xmem"]) == 2
     assert "not in the cache" in capsys.readouterr().err
 
 
