@@ -300,7 +300,7 @@ def bench(args: argparse.Namespace) -> dict:
         "fps": _round(timed_frames / seconds, 3),
         "ms_per_frame": _round(1000 * seconds / timed_frames, 3),
         "tracker": {"top_k": tracker.top_k, "mem_every": tracker.mem_every, "max_memory_frames": tracker.max_memory_frames,
-                    **({} if tracker.arch == "stcn" else tracker.xmem_options)},
+                    **tracker.memory_options},
         "memory_stats": {"memory_frames": final_stats.memory_frames, "working_elements": final_stats.working_elements,
                          "long_term_elements": final_stats.long_term_elements,
                          "consolidations": final_stats.consolidations},

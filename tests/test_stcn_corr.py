@@ -15,7 +15,6 @@ from corrvos.imageops import normalize, to_float_image
 from corrvos.inference.tracker import Tracker
 from corrvos.models.checkpoint import build_model, load_model, save_model
 
-torch.set_grad_enabled(False)
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +166,7 @@ def _aggregate(prob):
     return torch.softmax(torch.log(p / (1 - p)), 0)
 
 
+@torch.no_grad()
 def _paper_eval(sd, frames, first_mask, top_k=20):
     """STCN's evaluation loop as the paper runs it: memory every frame here (mem_every=1), top-k readout."""
     ids = sorted(int(v) for v in np.unique(first_mask) if v)
@@ -195,6 +195,7 @@ def _paper_eval(sd, frames, first_mask, top_k=20):
     return outs
 
 
+@torch.no_grad()
 def test_tracker_equals_the_papers_evaluation(paper_state_dict, tmp_path):
     torch.save(paper_state_dict, tmp_path / "paper.pth")
     with warnings.catch_warnings():

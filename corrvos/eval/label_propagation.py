@@ -100,9 +100,9 @@ class LabelPropagator(Tracker):
             if not present:
                 raise InputError("The first-frame mask is empty; mark at least one object with a label above 0.")
 
-        is_xmem = self.arch == "xmem"
+        extras = self.spec.key_extras
         with self._network():
-            feats = self.model.encode_key(img, need_shrinkage=is_xmem, need_selection=is_xmem)
+            feats = self.model.encode_key(img, need_shrinkage=extras, need_selection=extras)
         key = feats.key[0].float().flatten(1)
         shrinkage = None if feats.shrinkage is None else feats.shrinkage[0].float().flatten(1)
         selection = None if feats.selection is None else feats.selection[0].float().flatten(1)

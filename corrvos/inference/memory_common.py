@@ -17,7 +17,7 @@ Snapshots
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -313,3 +313,33 @@ def pad_objects(values: Tensor, num_objects: int) -> Tensor:
     if missing <= 0:
         return values
     return torch.cat([values, values.new_zeros(missing, *values.shape[1:])], dim=0)
+
+
+# The options a Tracker passes to its memory; each memory class takes the ones it uses (for_tracker).
+MEMORY_OPTIONS = ("max_memory_frames", "enable_long_term", "min_working_frames", "max_working_frames",
+                  "num_prototypes", "max_long_term_elements")
+
+
+class Memory(Protocol):
+    """What the Tracker needs from an architecture's inference memory (STCNMemory, XMemMemory)."""
+
+    top_k: int | None
+    births: list[int]
+    hidden: Tensor | None  # sensory memory (1, K, Ch, h, w), or None for memories without one
+    # The query selection must be computed even on frames that need no read (XMem's long-term memory keeps it).
+    keeps_selection: bool
+
+    @classmethod
+    def for_tracker(cls, top_k: int | None, config: Any, options: dict[str, Any]) -> "Memory": ...
+
+    def options(self) -> dict[str, Any]: ...  # the MEMORY_OPTIONS this memory runs with
+
+    def add_objects(self, birth: int, count: int, feature_like: Tensor) -> None: ...
+
+    def memorise(self, frame: int, feats: Any, value: Tensor, given: bool) -> None: ...
+
+    def read(self, query_key: Tensor, query_selection: Tensor | None = None) -> Tensor: ...
+
+    def snapshot(self) -> MemorySnapshot: ...
+
+    def stats(self) -> tuple[int, int, int, int]: ...  # (memory frames, working elements, long-term, consolidations)

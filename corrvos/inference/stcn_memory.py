@@ -11,6 +11,7 @@ snapshots (:meth:`Tracker.matches`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
@@ -39,6 +40,9 @@ class STCNMemory:
         max_frames: optional cap on the number of memory frames (None: unbounded, as upstream).
     """
 
+    hidden = None  # no sensory memory
+    keeps_selection = False
+
     def __init__(self, top_k: int | None = 20, max_frames: int | None = None) -> None:
         if max_frames is not None and max_frames < 2:
             raise ValueError("max_memory_frames must be at least 2 (the first frame and the latest one)")
@@ -50,8 +54,22 @@ class STCNMemory:
         self._groups = GroupIndexCache()
         self._workspace = Workspace()  # the read's similarity and gathered values, reused every frame
 
+    @classmethod
+    def for_tracker(cls, top_k: int | None, config: Any, options: dict[str, Any]) -> "STCNMemory":
+        return cls(top_k, options.get("max_memory_frames"))
+
+    def options(self) -> dict[str, Any]:
+        return {"max_memory_frames": self.max_frames}
+
+    def memorise(self, frame: int, feats: Any, value: Tensor, given: bool) -> None:
+        """The Tracker's memory write: frames given a mask are protected from the cap."""
+        self.add(frame, feats.key, value, protected=given)
+
+    def stats(self) -> tuple[int, int, int, int]:
+        return self.num_frames, self.num_elements, 0, 0
+
     # objects -------------------------------------------------------------------------------------
-    def add_objects(self, birth: int, count: int) -> None:
+    def add_objects(self, birth: int, count: int, feature_like: Tensor | None = None) -> None:
         """Register ``count`` new objects first seen at frame ``birth``."""
         self.births.extend([birth] * count)
         self._buffer.ensure_objects(self.num_objects)

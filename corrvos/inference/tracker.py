@@ -23,12 +23,10 @@ from torch import Tensor, nn
 
 from corrvos.errors import InputError
 from corrvos.imageops import Pad, aggregate, normalize, pad_divide_by, to_float_image, unpad
-from corrvos.inference.memory_common import MemorySnapshot, snapshot_weights
-from corrvos.inference.stcn_memory import STCNMemory
-from corrvos.inference.xmem_memory import XMemMemory
+from corrvos.inference.memory_common import Memory, MemorySnapshot, snapshot_weights
+from corrvos.models.registry import arch_spec
 from corrvos.precision import PRECISIONS, autocast_dtype
 
-DEFAULT_TOP_K = {"stcn": 20, "xmem": 30}
 
 
 @dataclass(frozen=True)
@@ -171,8 +169,7 @@ class Tracker:
         config = model.config
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-        if config.arch not in DEFAULT_TOP_K:
-            raise ValueError(f"unknown architecture {config.arch!r}")
+        spec = arch_spec(config)  # ValueError for an unknown architecture
         if mem_every < 1:
             raise ValueError("mem_every must be at least 1")
         if deep_update_every != -1 and deep_update_every < 1:
@@ -184,12 +181,15 @@ class Tracker:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.eval()
         self.arch: str = config.arch
-        self.top_k = DEFAULT_TOP_K[self.arch] if top_k is None else top_k
+        self.spec = spec
+        self.top_k = spec.default_top_k if top_k is None else top_k
         self.mem_every = mem_every
         self.size = size
         self.max_memory_frames = max_memory_frames
         self.deep_update_every = deep_update_every
-        self.xmem_options = dict(
+        # Every architecture's memory options; the memory class takes its own (Memory.for_tracker).
+        self._memory_options = dict(
+            max_memory_frames=max_memory_frames,
             enable_long_term=enable_long_term,
             min_working_frames=min_working_frames,
             max_working_frames=max_working_frames,
@@ -209,10 +209,7 @@ class Tracker:
         self.object_ids: list[int] = []
         self._geometry: FrameGeometry | None = None
         self._records: OrderedDict[int, FrameRead] = OrderedDict()
-        if self.arch == "stcn":
-            self.memory: STCNMemory | XMemMemory = STCNMemory(self.top_k, self.max_memory_frames)
-        else:
-            self.memory = XMemMemory(self.top_k, hidden_dim=self.model.config.hidden_dim, **self.xmem_options)
+        self.memory: Memory = self.spec.memory.for_tracker(self.top_k, self.model.config, self._memory_options)
 
     @property
     def num_objects(self) -> int:
@@ -227,18 +224,13 @@ class Tracker:
         """The cached memory read of frame ``t`` (None: no read, or it left the match cache)."""
         return self._records.get(t)
 
+    @property
+    def memory_options(self) -> dict:
+        """The memory options this tracker's architecture uses (STCN's cap; XMem's working / long-term sizes)."""
+        return self.memory.options()
+
     def memory_stats(self) -> MemoryStats:
-        mem = self.memory
-        if isinstance(mem, STCNMemory):
-            return MemoryStats(self.t + 1, self.num_objects, mem.num_frames, mem.num_elements, 0, 0)
-        return MemoryStats(
-            self.t + 1,
-            self.num_objects,
-            len(mem.working_frame_indices),
-            mem.working_elements,
-            mem.long_term_elements,
-            mem.consolidations,
-        )
+        return MemoryStats(self.t + 1, self.num_objects, *self.memory.stats())
 
     # input preparation -------------------------------------------------------------------------------
     def _geometry_for(self, t: int, height: int, width: int) -> FrameGeometry:
@@ -357,11 +349,12 @@ class Tracker:
         new_ids = [o for o in given if o not in self.object_ids]
         all_given = set(self.object_ids).issubset(given)
 
-        is_xmem = self.arch == "xmem"
-        if is_xmem:
-            is_mem_frame = (t - self.last_mem_t >= self.mem_every or labels is not None) and not last
-        else:
-            is_mem_frame = (t % self.mem_every == 0 or labels is not None) and not last
+        spec = self.spec
+        if spec.relative_memory_schedule:  # XMem: mem_every frames after the last memory frame
+            scheduled = t - self.last_mem_t >= self.mem_every
+        else:  # STCN: every mem_every-th frame of the video
+            scheduled = t % self.mem_every == 0
+        is_mem_frame = (scheduled or labels is not None) and not last
         need_segment = self.num_objects > 0 and not all_given
         # XMem's sensory memory: a deep update needs the value encoder, so it only happens on memory frames
         # (all of them by default, then the decoder updates it on the others; the last frame updates nothing).
@@ -370,9 +363,10 @@ class Tracker:
         is_normal_update = (not synchronised or not is_deep_update) and not last
 
         mem = self.memory
-        need_selection = is_xmem and (self.xmem_options["enable_long_term"] or need_segment)
+        need_selection = spec.key_extras and (mem.keeps_selection or need_segment)
         with self._network():
-            feats = self.model.encode_key(img, need_shrinkage=is_xmem and is_mem_frame, need_selection=need_selection)
+            feats = self.model.encode_key(img, need_shrinkage=spec.key_extras and is_mem_frame,
+                                          need_selection=need_selection)
         # The memory side (keys, shrinkage, selection) is fp32 in every precision mode.
         feats = feats._replace(key=feats.key.float(), shrinkage=_float(feats.shrinkage),
                                selection=_float(feats.selection))
@@ -381,36 +375,28 @@ class Tracker:
         if need_segment:
             with self._fp32():
                 readout = mem.read(feats.key, feats.selection)
-            hidden = mem.hidden if is_xmem else None
             with self._network():
-                new_hidden, logits = self.model.decode(feats, readout, hidden, update_hidden=is_normal_update)
+                new_hidden, logits = self.model.decode(feats, readout, mem.hidden, update_hidden=is_normal_update)
             prob_with_bg = torch.softmax(aggregate(torch.sigmoid(logits[0].float()), dim=0), dim=0)
-            if is_xmem and is_normal_update:
+            if is_normal_update and new_hidden is not None:
                 mem.hidden = _float(new_hidden)
             self._remember(t, feats, geometry)
 
         if labels is not None:
             if new_ids:
                 self.object_ids.extend(new_ids)
-                if is_xmem:
-                    mem.add_objects(t, len(new_ids), feats.key)
-                else:
-                    mem.add_objects(t, len(new_ids))
+                mem.add_objects(t, len(new_ids), feats.key)
             prob_with_bg = self._merge_mask(labels, given, prob_with_bg, geometry)
 
         if is_mem_frame:
             masks = prob_with_bg[1:].unsqueeze(0)
             others = _others(masks)
-            hidden = mem.hidden if is_xmem else None
             with self._network():
-                value, new_hidden = self.model.encode_value(img, feats, hidden, masks, others, deep_update=is_deep_update)
-            value = value.float()
+                value, new_hidden = self.model.encode_value(img, feats, mem.hidden, masks, others,
+                                                            deep_update=is_deep_update)
             with self._fp32():  # XMem's consolidation computes similarities too
-                if is_xmem:
-                    mem.add(t, feats.key, feats.shrinkage, value, feats.selection, permanent=labels is not None)
-                else:
-                    mem.add(t, feats.key, value, protected=labels is not None)
-            if is_xmem and is_deep_update and new_hidden is not None:
+                mem.memorise(t, feats, value.float(), given=labels is not None)
+            if is_deep_update and new_hidden is not None:
                 mem.hidden = _float(new_hidden)
             if is_deep_update:
                 self.last_deep_update_t = t

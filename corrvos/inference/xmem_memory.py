@@ -27,6 +27,7 @@ bookkeeping misaligns values after a consolidation and cannot remove LT elements
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -151,6 +152,28 @@ class XMemMemory:
         self._groups = GroupIndexCache()
         self._workspace = Workspace()  # the read's similarity and gathered values, reused every frame
         self.consolidations = 0
+
+    @classmethod
+    def for_tracker(cls, top_k: int | None, config: Any, options: dict[str, Any]) -> "XMemMemory":
+        names = ("enable_long_term", "min_working_frames", "max_working_frames", "num_prototypes",
+                 "max_long_term_elements")
+        return cls(top_k, hidden_dim=config.hidden_dim, **{k: options[k] for k in names if k in options})
+
+    @property
+    def keeps_selection(self) -> bool:
+        return self.enable_long_term  # consolidation needs the selection of every memory frame
+
+    def options(self) -> dict[str, Any]:
+        return dict(enable_long_term=self.enable_long_term, min_working_frames=self.min_working_frames,
+                    max_working_frames=self.max_working_frames, num_prototypes=self.num_prototypes,
+                    max_long_term_elements=self.max_long_term_elements)
+
+    def memorise(self, frame: int, feats: Any, value: Tensor, given: bool) -> None:
+        """The Tracker's memory write: frames given a mask stay in working memory for good."""
+        self.add(frame, feats.key, feats.shrinkage, value, feats.selection, permanent=given)
+
+    def stats(self) -> tuple[int, int, int, int]:
+        return len(self.working_frame_indices), self.working_elements, self.long_term_elements, self.consolidations
 
     # objects and sensory memory -------------------------------------------------------------------
     def add_objects(self, birth: int, count: int, feature_like: Tensor) -> None:

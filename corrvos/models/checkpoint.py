@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from corrvos.errors import CheckpointError
 from corrvos.models.blocks import orthogonal_
 from corrvos.models.config import PRESETS, ModelConfig, get_config
-from corrvos.models.stcn import STCN, MatchingNetwork
-from corrvos.models.xmem import XMem
+from corrvos.models.registry import arch_spec
+from corrvos.models.stcn import MatchingNetwork
 
 CONFIG_KEY = "corrvos_config"
 _VALUE_CONV1 = "value_encoder.conv1.weight"
@@ -41,7 +41,7 @@ PathLike = str | os.PathLike
 
 def model_from_config(config: ModelConfig) -> MatchingNetwork:
     """A randomly initialised network for ``config``."""
-    return STCN(config) if config.arch == "stcn" else XMem(config)
+    return arch_spec(config).network(config)
 
 
 def build_model(name: str | ModelConfig, imagenet: bool = False) -> MatchingNetwork:

@@ -11,7 +11,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-ARCHS = ("stcn", "xmem")
+from corrvos.models.registry import ARCHITECTURES
+
+ARCHS = tuple(ARCHITECTURES)
 DECODER_STYLES = ("stcn", "corr")
 KEY_BACKBONES = ("resnet50", "resnet18", "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from corrvos.imageops import aggregate
+from corrvos.models.registry import arch_spec
 from corrvos.models.similarity import read_memory, similarity, softmax_affinity
 
 XMEM_REF_FRAMES = 3  # memory = all earlier frames while t <= 3, else frame 0 + 2 random earlier ones
@@ -90,10 +91,9 @@ class ClipForward(nn.Module):
 
     def forward(self, rgb: Tensor, first_gt: Tensor, selector: Tensor, view: Tensor | None = None) -> dict[str, Any]:
         feats, view_key, num_frames = self.encode_keys(rgb, view)
-        if self.net.config.arch == "xmem":
-            logits = self._xmem(rgb, feats, first_gt, selector, num_frames)
-        else:
-            logits = self._stcn(rgb, feats, first_gt, selector, num_frames)
+        # One training loop per clip preset: STCN's (each frame read from all earlier ones) or XMem's (sensory memory,
+        # a random subset of memory frames).
+        logits = getattr(self, f"_{arch_spec(self.net.config).clip}")(rgb, feats, first_gt, selector, num_frames)
         return {"logits": logits, "keys": feats.key, "shrinkage": feats.shrinkage,
                 "selection": feats.selection, "view_key": view_key}
 

@@ -37,6 +37,7 @@ from corrvos.training.contrastive import Negatives
 from corrvos.training.forward import VIEW_SCALE, XMEM_DEEP_UPDATE_P, ClipForward
 from corrvos.training.losses import HOST_KEYS, LossConfig, compute_losses, stats_to_floats
 from corrvos.training.schedule import BOOTSTRAP_FINAL_P
+from corrvos.models.registry import arch_spec
 from corrvos.training.stages import StagePreset, get_stage
 from corrvos.tracker_options import processing_size
 
@@ -282,7 +283,7 @@ class Trainer:
             self._load_weights(net, opts.load)
         self.net = net.to(self.device)
         self.bn_mode = resolve_bn_mode(opts.bn, net, imagenet=opts.imagenet, loaded=bool(opts.load))
-        self.arch = net.config.arch
+        self.spec = arch_spec(net.config)
         self.forward_module: nn.Module = ClipForward(self.net, opts.deep_update_p, opts.view_scale)
         if self.world > 1:
             self.forward_module = nn.parallel.DistributedDataParallel(
@@ -307,7 +308,7 @@ class Trainer:
             alpha_warmup=opts.alpha_warmup if opts.alpha_warmup is not None else preset.alpha_warmup,
             bootstrap_scale=preset.bootstrap_scale,
             bootstrap_final_p=opts.bootstrap_p,
-            dice=self.arch == "xmem",
+            dice=self.spec.dice_loss,
         )
         self.iteration = 0
         self.dataset = dataset if dataset is not None else self._build_dataset()
@@ -348,10 +349,8 @@ class Trainer:
         from corrvos.training.datasets import ClipConfig
 
         preset = self.preset
-        interp = {"interpolation": "bilinear"} if self.arch == "xmem" else {}
-        return ClipConfig.preset(self.arch, num_frames=preset.frames, max_objects=preset.max_objects,
-                                 crop_size=self.crop, second_view=self.loss_config.pcl and self.opts.cross_view,
-                                 **interp)
+        return ClipConfig.preset(self.spec.clip, num_frames=preset.frames, max_objects=preset.max_objects,
+                                 crop_size=self.crop, second_view=self.loss_config.pcl and self.opts.cross_view)
 
     def _frame_store(self, root: str):
         """The decoded frames of ``root`` under ``--frame-cache`` (rank 0 decodes, the others wait)."""
