@@ -275,10 +275,10 @@ class AppHandlers:
         paths = {"A": self._checkpoint_path(ckpt_a, "A"), "B": self._checkpoint_path(ckpt_b, "B")}
         models = {slot: self.models.get(path, self.config.device) for slot, path in paths.items()}
 
-        session.anno_t, session.mask, session.num_objects, session.gt = t0, mask, num_objects, gt
-        session.given, session.correcting = {t0: mask}, None
+        session.mask, session.num_objects, session.gt, session.correcting = mask, num_objects, gt, None
+        session.annotate(t0, mask)
         n = len(session.frames)
-        session.runs = {slot: ModelRun(slot, paths[slot], [None] * n) for slot in SLOTS}
+        session.runs = {slot: ModelRun(slot=slot, checkpoint=paths[slot], labels=[None] * n) for slot in SLOTS}
         yield from self._run_from(session, models, t0, progress)
 
     @user_errors
@@ -324,7 +324,7 @@ class AppHandlers:
             labels = lut[labels]
             session.num_objects += len(new)
         models = {slot: self.models.get(session.runs[slot].checkpoint, self.config.device) for slot in SLOTS}
-        session.given[t] = labels
+        session.correct(t, labels)
         # The editor still holds frame t: it stays the frame being corrected, so it can be refined and re-run.
         yield from self._run_from(session, models, t, progress)
 

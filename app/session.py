@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from corrvos.inference.video_session import ModelTrack, VideoSession
 from corrvos.io.masks import matte_png
 from corrvos.tracker_options import for_architecture, processing_size
 
@@ -149,38 +150,14 @@ class ModelCache:
         return model
 
 
-@dataclass
-class Pass:
-    """One tracker's walk over the clip: ``frames[i]`` is the absolute frame of its step ``i``.
-
-    A pass starts with the given (annotated or corrected) frames that lead to its first predicted frame,
-    in order of their distance from the annotated frame, then runs to one end of the clip.
-    """
-
-    tracker: object
-    frames: list[int]
-
-    def local(self, t: int) -> int | None:
-        try:
-            return self.frames.index(t)
-        except ValueError:
-            return None
-
-
-@dataclass
-class ModelRun:
-    """One checkpoint's results on the session's clip.
-
-    ``labels[t]`` is the label map at the input size (None until frame t is done). ``soft[t]`` holds the
-    predicted frames' soft mattes, ``{object id: PNG bytes}`` (compressed: a raw matte per object and frame
-    would cost more memory than the frames). ``passes`` are the trackers that produced them, in the order they
-    ran; a later pass (after a correction) supersedes an earlier one on the frames it predicts.
-    """
+@dataclass(kw_only=True)
+class ModelRun(ModelTrack):
+    """One checkpoint's results on the session's clip (corrvos's ModelTrack: ``labels``, ``passes``) plus what
+    the app keeps: ``soft[t]``, the predicted frames' soft mattes ``{object id: PNG bytes}`` (compressed: a raw
+    matte per object and frame would cost more memory than the frames), and the overlay video."""
 
     slot: str
     checkpoint: Path
-    labels: list[np.ndarray | None]
-    passes: list[Pass] = field(default_factory=list)
     soft: dict[int, dict[int, bytes]] = field(default_factory=dict)
     video: Path | None = None
 
@@ -188,66 +165,27 @@ class ModelRun:
     def title(self) -> str:
         return f"{self.slot}: {self.checkpoint.name}"
 
-    @property
-    def complete(self) -> bool:
-        return all(lab is not None for lab in self.labels)
 
-    @property
-    def last_tracker(self) -> object | None:
-        return self.passes[-1].tracker if self.passes else None
+@dataclass(kw_only=True)
+class Session(VideoSession):
+    """One browser session's clip, annotation and results: a corrvos VideoSession (frames, the given masks, the
+    annotated frame, one run per model slot, propagation) plus what the app shows beside them."""
 
-
-@dataclass
-class Session:
-    """One browser session's clip, annotation and results."""
-
-    frames: list[np.ndarray]
     names: list[str]
     fps: float
     source: str
     workdir: Path
     total_frames: int  # frames in the input before the cap
-    anno_t: int = 0
     mask: np.ndarray | None = None
     num_objects: int = 0
-    runs: dict[str, ModelRun] = field(default_factory=dict)
     gt: list[np.ndarray | None] | None = None
     example_mask: np.ndarray | None = None
-    # Every frame whose mask the user gave: the annotated frame and the corrections (absolute index -> labels).
-    given: dict[int, np.ndarray] = field(default_factory=dict)
     # The frame the editor holds for a correction (None: the editor holds the annotated frame).
     correcting: int | None = None
 
     @property
     def size(self) -> tuple[int, int]:
         return self.frames[0].shape[:2]
-
-    def tracker_for(self, slot: str, t: int) -> tuple[Pass, int] | None:
-        """The pass that predicted absolute frame ``t`` for model ``slot`` (the latest one), and t's step in it."""
-        for p in reversed(self.runs[slot].passes):
-            local = p.local(t)
-            if local is not None and t not in self.given:
-                return p, local
-        return None
-
-    def pass_plans(self, start: int) -> list[list[int]]:
-        """The frame lists of the passes that (re)propagate from given frame ``start``.
-
-        From the annotated frame: forward to the end and backward to frame 0. From a correction: away from
-        the annotated frame only, so the frames between them keep their results. Each list opens with the
-        given frames on that side up to ``start`` (they fill the memory), then the frames to predict; given
-        frames further on are met on the way and keep their masks.
-        """
-        n = len(self.frames)
-        t0 = self.anno_t
-        directions = [1, -1] if start == t0 else [1 if start > t0 else -1]
-        plans = []
-        for d in directions:
-            lead = sorted((g for g in self.given if 0 <= (g - t0) * d <= abs(start - t0)), key=lambda g: abs(g - t0))
-            tail = list(range(start + d, n if d == 1 else -1, d))
-            if tail:
-                plans.append(lead + tail)
-        return plans
 
 
 class SessionStore:
@@ -298,75 +236,21 @@ class Progress:
 
 
 def propagate_runs(session: Session, models: dict[str, object], config: AppConfig, start: int) -> Iterator[Progress]:
-    """Propagate every model from given frame ``start`` (the annotated frame or a correction).
+    """Propagate every model from given frame ``start`` (the annotated frame or a correction) with the library's
+    VideoSession (models in lock-step, so the live preview shows both at the same frame), keeping each predicted
+    frame's soft mattes; a stopped run keeps what it has."""
+    for run in session.runs.values():
+        for t in {t for plan in session.pass_plans(start) for t in plan} | set(session.given):
+            run.soft.pop(t, None)
+    trackers = {slot: _tracker_factory(model, config) for slot, model in models.items()}
+    for step in session.propagate(trackers, start):
+        session.runs[step.key].soft[step.t] = {oid: matte_png(m) for oid, m in step.tracker.soft_masks(step.prob).items()}
+        yield Progress(step.key, step.t, step.done, step.total)
 
-    The frames each pass predicts are cleared first; given frames keep the user's masks. Models advance in
-    lock-step (one frame of A, one of B) so the live preview always shows both at the same frame. Results
-    land in ``session.runs[slot].labels`` as they come, so a stopped run keeps what it has.
-    """
-    import torch
 
+def _tracker_factory(model, config: AppConfig):
     from corrvos import Tracker
 
-    plans = session.pass_plans(start)
-    for run in session.runs.values():
-        for plan in plans:
-            for t in plan:
-                run.labels[t] = None
-                run.soft.pop(t, None)
-        for t, mask in session.given.items():
-            run.labels[t] = mask
-            run.soft.pop(t, None)
-    total = len(models) * sum(sum(t not in session.given for t in plan) for plan in plans)
-    done = 0
-    for plan in plans:
-        steps = {}
-        for slot, model in models.items():
-            # Every frame stays explainable by a click (keys + memory snapshots; about 0.4 MB per 480p frame).
-            tracker = Tracker(model, device=config.device, size=processing_size(config.size, model.preferred_size),
-                              match_cache_frames=None,
-                              **for_architecture(config.tracker_options, model.config.arch))
-            run = session.runs[slot]
-            run.passes.append(Pass(tracker, plan))
-            run.passes = _without_superseded(run.passes, session.given)
-            steps[slot] = _walk(tracker, session, plan)
-        active = dict(steps)
-        while active:
-            for slot in list(active):
-                # Entered per step, not around the loop: Gradio may resume this generator on another
-                # worker thread, and inference mode is thread-local.
-                try:
-                    with torch.inference_mode():
-                        t, lab, soft = next(active[slot])
-                except StopIteration:
-                    del active[slot]
-                    continue
-                session.runs[slot].labels[t] = lab
-                session.runs[slot].soft[t] = soft
-                done += 1
-                yield Progress(slot, t, done, total)
-
-
-def _without_superseded(passes: list[Pass], given: dict[int, np.ndarray]) -> list[Pass]:
-    """Drop passes none of whose predicted frames is still theirs (a later pass predicts them all): their
-    trackers keep keys and memory snapshots for every frame, which repeated corrections would pile up."""
-    kept, covered = [], set()
-    for p in reversed(passes):
-        predicted = {t for t in p.frames if t not in given}
-        if predicted - covered:
-            kept.append(p)
-        covered |= predicted
-    return kept[::-1]
-
-
-def _walk(tracker, session: Session, plan: list[int]) -> Iterator[tuple[int, np.ndarray, dict[int, bytes]]]:
-    """Run ``tracker`` over the frames of ``plan``; yields (t, labels, soft mattes as PNG bytes) for each
-    predicted frame."""
-    masks = {i: session.given[t] for i, t in enumerate(plan) if i > 0 and t in session.given}
-    # A given frame speaks for every object: one the user left out is absent there, not still to be tracked.
-    results = tracker.propagate_probabilities((session.frames[t] for t in plan), session.given[plan[0]], masks,
-                                              complete_masks=True)
-    for i, prob in results:
-        if plan[i] not in session.given:
-            soft = {oid: matte_png(m) for oid, m in tracker.soft_masks(prob).items()}
-            yield plan[i], tracker.labels_from(prob), soft
+    # Every frame stays explainable by a click (keys + memory snapshots; about 0.4 MB per 480p frame).
+    return lambda: Tracker(model, device=config.device, size=processing_size(config.size, model.preferred_size),
+                           match_cache_frames=None, **for_architecture(config.tracker_options, model.config.arch))

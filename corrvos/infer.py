@@ -113,11 +113,11 @@ def run(args: argparse.Namespace) -> Path:
     order = sorted(given)
     compact, back = compact_labels([given[t] for t in order])
     start = order[0]
-    later = {t - start: m for t, m in zip(order[1:], compact[1:])}
 
     from tqdm import tqdm
 
     import corrvos
+    from corrvos.inference.video_session import VideoSession
 
     device = run_device(args)
     model = corrvos.load_model(args.checkpoint, device=device)
@@ -156,21 +156,24 @@ def run(args: argparse.Namespace) -> Path:
         soft = {int(back[k]): m for k, m in tracker.soft_masks(prob).items()} if args.soft_masks else {}
         return labels, soft
 
+    # Masks at later frames add objects or correct them; objects they leave out keep being tracked there.
+    session = VideoSession(frames, given=dict(zip(order, compact)), anno_t=start, complete_masks=False,
+                           keep_labels=False)
+    trackers = {"model": lambda: tracker}
     # Before the first annotated frame no object is known yet (YouTube-VOS protocol): empty masks, unless
     # --backward tracks them from that frame's mask in reverse (run first: the overlay is written in order).
     empty = np.zeros(clip.size, np.uint8)
     before: dict[int, tuple[np.ndarray, dict[int, np.ndarray]]] = {}
     if args.backward and start > 0:
-        reverse = tracker.propagate_probabilities((frames[t] for t in range(start, -1, -1)), compact[0])
-        for local, prob in tqdm(reverse, total=start + 1, desc="segmenting backward", unit="frame"):
-            if local > 0:
-                before[start - local] = outputs(prob)
+        for step in tqdm(session.propagate(trackers, start, directions=(-1,)), total=start, desc="segmenting backward",
+                         unit="frame"):
+            before[step.t] = outputs(step.prob)
     with video_out as writer:
         for t in range(start):
             write(t, *before.get(t, (empty, {})), writer)
-        tracked = tracker.propagate_probabilities((frames[t] for t in range(start, len(frames))), compact[0], later)
-        for local, prob in tqdm(tracked, total=len(frames) - start, desc="segmenting", unit="frame"):
-            write(start + local, *outputs(prob), writer)
+        for step in tqdm(session.propagate(trackers, start, directions=(1,)), total=len(frames) - start,
+                         desc="segmenting", unit="frame"):
+            write(step.t, *outputs(step.prob), writer)
     if written != len(frames):
         raise InputError(f"only {written} of {len(frames)} frames were segmented; the input may be truncated, re-encode it.")
     return args.out
