@@ -28,7 +28,7 @@ import numpy as np
 
 from corrvos.errors import DatasetError, InputError
 from corrvos.eval.metrics import boundary_f, jaccard, object_statistics
-from corrvos.io.davis import VOID_LABEL, read_split_file
+from corrvos.io.davis import VOID_LABEL, split_sequences
 
 YEARS = ("2016", "2017")
 GLOBAL_COLUMNS = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
@@ -83,14 +83,12 @@ class DavisSplit:
 
 
 def _sequences_from_imagesets(root: Path, year: str, split: str) -> list[str]:
+    # File order (alphabetical in the official files) is kept so the CSV rows come out in the official order.
+    names = split_sequences(root, split, (year,))
+    if names is not None:
+        return names
     names_file = root / "ImageSets" / year / f"{split}.txt"
-    if names_file.is_file():
-        return read_split_file(names_file)
-    # DAVIS-2016 ships frame lists instead ("/JPEGImages/480p/<seq>/00000.jpg /Annotations/..."); the file
-    # order (alphabetical in the official files) is kept so the CSV rows come out in the official order.
     frame_list = root / "ImageSets" / "480p" / f"{split}.txt"
-    if year == "2016" and frame_list.is_file():
-        return read_split_file(frame_list)
     raise DatasetError(
         f"no sequence list for the {split!r} split of DAVIS-{year} in {root} (looked for {names_file}"
         + (f" and {frame_list}" if year == "2016" else "")

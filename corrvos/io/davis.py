@@ -41,21 +41,28 @@ def read_split_file(path: PathLike) -> list[str]:
     return list(names)
 
 
-def davis_sequences(root: PathLike, split: str = "val", year: int = 2016) -> list[str]:
-    """Sequence names of a DAVIS split, sorted.
+def split_sequences(root: PathLike, split: str, years: tuple[str, ...] = ("2017", "2016")) -> list[str] | None:
+    """THE split reader: the sequences of ``ImageSets/<year>/<split>.txt`` for the first of ``years`` that has
+    one, in file order; with "2016" among the years the original DAVIS-2016 frame list
+    ``ImageSets/480p/<split>.txt`` counts too. None when the folder has no such list."""
+    root = Path(root)
+    candidates = [root / "ImageSets" / y / f"{split}.txt" for y in years]
+    if "2016" in years:
+        candidates.append(root / "ImageSets" / "480p" / f"{split}.txt")
+    for path in candidates:
+        if path.is_file():
+            return read_split_file(path)
+    return None
 
-    Reads ``ImageSets/<year>/<split>.txt``; for 2016 it falls back to the original frame lists in
-    ``ImageSets/480p/<split>.txt`` (lines ``/JPEGImages/480p/<seq>/00000.jpg ...``).
-    """
+
+def davis_sequences(root: PathLike, split: str = "val", year: int = 2016) -> list[str]:
+    """Sequence names of a DAVIS split, sorted (:func:`split_sequences` of that year); DatasetError if absent."""
     if year not in (2016, 2017):
         raise ValueError(f"year must be 2016 or 2017, not {year}")
-    root = Path(root)
-    listing = root / "ImageSets" / str(year) / f"{split}.txt"
-    if listing.is_file():
-        return sorted(read_split_file(listing))
-    frame_list = root / "ImageSets" / "480p" / f"{split}.txt"
-    if year == 2016 and frame_list.is_file():
-        return sorted(read_split_file(frame_list))
+    names = split_sequences(root, split, (str(year),))
+    if names is not None:
+        return sorted(names)
+    listing = Path(root) / "ImageSets" / str(year) / f"{split}.txt"
     raise DatasetError(
         f"the DAVIS-{year} split list {listing} is missing; point the root at a DAVIS-{year} folder "
         "that has ImageSets/ (for the shared copy run ../shared/data/davis2016/unpack.py)."

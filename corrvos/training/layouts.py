@@ -29,7 +29,7 @@ import numpy as np
 
 from corrvos.cache import default_cache_dir
 from corrvos.errors import DatasetError
-from corrvos.io.davis import read_split_file
+from corrvos.io.davis import read_split_file, split_sequences
 from corrvos.io.video import natural_key, read_video
 
 PathLike = str | os.PathLike
@@ -75,10 +75,7 @@ def _requested(sequences: list[str] | PathLike | None) -> list[str] | None:
 
 def split_names(root: Path, split: str) -> list[str] | None:
     """The split's sequence list (ImageSets/2017, 2016 or 480p), None when the folder has none."""
-    for rel in (f"ImageSets/2017/{split}.txt", f"ImageSets/2016/{split}.txt", f"ImageSets/480p/{split}.txt"):
-        if (root / rel).is_file():
-            return read_split_file(root / rel)
-    return None
+    return split_sequences(root, split)
 
 
 def compact_names(root: Path, split: str) -> list[str]:
