@@ -30,9 +30,9 @@ step() {  # step SECONDS_NEEDED NAME CMD...: run CMD unless fewer than SECONDS_N
 { echo "host: $(nproc) cores; $($PY -c 'import torch; print("torch", torch.__version__)')"
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"; } | tee "$LOG"
 
-step 120 "issue 5: training-step cost" $PY -m corrvos.training.speed --models stcn stcn-s --batch 8 --crop 384 \
+step 120 "issue 5: training-step cost" $PY -m experiments.speed --models stcn stcn-s --batch 8 --crop 384 \
     --iters 20 --warmup 5 --repeats 2 --json "$JSON/train_speed.json"
-step 40 "issue 5: ops per training step" $PY -m corrvos.training.speed --count-ops --models stcn stcn-s --batch 8 \
+step 40 "issue 5: ops per training step" $PY -m experiments.speed --count-ops --models stcn stcn-s --batch 8 \
     --crop 384 --json "$JSON/train_ops.json"
 for model in stcn-s stcn xmem-s xmem; do
     for objects in 1 3; do

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ONE device call that trains the four shipped arms (stcn-s / xmem-s x baseline / corr) with
-# corrvos.training.recipe and writes <arm>.safetensors, summary.json and logs.tar.gz to $OUT.
-# Needs the carried data folder .carry/d16train (python -m corrvos.training.recipe pack ...);
+# experiments.recipe and writes <arm>.safetensors, summary.json and logs.tar.gz to $OUT.
+# Needs the carried data folder .carry/d16train (python -m experiments.recipe pack ...);
 # continues from .carry/resume/<arm>.safetensors when that folder was carried too.
 # Extra arguments go to `recipe run` (e.g. --models stcn-s, --iters stcn-s=300,800, --budget-s 500).
 # See docs/training.md, "Training the shipped checkpoints".
@@ -29,4 +29,4 @@ fi
 # Later arguments ("$@") override these.
 args=(--data "$DATA" --out "$OUT" --budget-s "${BUDGET_S:-540}" --lr 1e-3 --bn train --bootstrap-p 1.0 --grad-clip 20)
 if [ -d "$RESUME" ]; then args+=(--resume-from "$RESUME"); fi
-PYTHONUNBUFFERED=1 exec "$PY" -m corrvos.training.recipe run "${args[@]}" "$@"
+PYTHONUNBUFFERED=1 exec "$PY" -m experiments.recipe run "${args[@]}" "$@"

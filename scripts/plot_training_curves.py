@@ -1,4 +1,4 @@
-"""Plot the loss curves of a `python -m corrvos.training.recipe run` job (its work folder or logs.tar.gz).
+"""Plot the loss curves of a `python -m experiments.recipe run` job (its work folder or logs.tar.gz).
 
     .venv/bin/python scripts/plot_training_curves.py /tmp/corrvos-recipe-cpu --out docs/cpu_run3_curves.png
 

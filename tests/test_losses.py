@@ -265,7 +265,7 @@ def test_ocl_bookkeeping_costs_few_torch_ops_per_video():
     """The per-video bookkeeping runs in numpy; only the random draws are torch ops. Each torch op costs
     several microseconds of host time, which bounds the small models' training step on a GPU: the torch
     version dispatched ~90 ops per video of the batch."""
-    from corrvos.training.speed import _OpCounter
+    from experiments.speed import _OpCounter
 
     def ops(batch):
         key = torch.randn(batch, 16, 8, 8, generator=gen(0)).requires_grad_()
@@ -356,11 +356,11 @@ def test_contrastive_ce_no_valid_query_is_zero():
 
 
 def test_speed_count_ops_cli(tmp_path, capsys):
-    """`python -m corrvos.training.speed --count-ops`: one line and one JSON row per variant, and the
+    """`python -m experiments.speed --count-ops`: one line and one JSON row per variant, and the
     full method dispatches more ops than L_seg alone (but fewer than twice as many)."""
     import json
 
-    from corrvos.training import speed
+    from experiments import speed
 
     out = tmp_path / "ops.json"
     assert speed.main(["--count-ops", "--models", "stcn-s", "--variants", "seg", "pcl,ocl", "--batch", "2",

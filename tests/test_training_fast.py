@@ -139,7 +139,7 @@ def test_pack_and_recipe_planning(davis2016_root, tmp_path):
 
     from corrvos.io.davis import read_annotation
     from corrvos.training.proposals import save_proposals
-    from corrvos.training.recipe import Arm, collect, pack, plan_arms
+    from experiments.recipe import Arm, collect, pack, plan_arms
 
     props = tmp_path / "p.npz"
     save_proposals(props, {"bear/00000": np.array([[0.1, 0.1, 0.5, 0.5]])}, {"synthetic": True})
@@ -174,7 +174,7 @@ def test_pack_and_recipe_planning(davis2016_root, tmp_path):
     snaps(slow, [(0, 25), (0, 30), (1, 25)])
     lone = Arm("xmem-s", "baseline", (10, 10))
     snaps(lone, [(0, 10)])
-    from corrvos.training.recipe import build_parser
+    from experiments.recipe import build_parser
 
     args = build_parser().parse_args(["run", "--data", str(out), "--out", str(tmp_path / "OUT"), "--seed", "1",
                                       "--budget-s", "10"])
@@ -243,8 +243,8 @@ def test_recipe_stage_commands_parse_with_train_py(tmp_path):
     from corrvos.train import build_parser as train_parser
     from corrvos.train import options_from_args
     from corrvos.train import main as train_main
-    from corrvos.training.recipe import Arm, build_parser, plan_arms, stage_command
-    from corrvos.training.recipe import main as recipe_main
+    from experiments.recipe import Arm, build_parser, plan_arms, stage_command
+    from experiments.recipe import main as recipe_main
 
     args = build_parser().parse_args(["run", "--data", str(tmp_path), "--out", str(tmp_path / "OUT"), "--device", "cpu",
                                       "--crop", "160", "--batch", "4", "--lr", "1e-3", "--bn", "train",

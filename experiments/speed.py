@@ -1,6 +1,6 @@
 """Training-step speed with and without the correspondence losses (the paper's "+7-9 % cost" claim).
 
-    python -m corrvos.training.speed --models stcn stcn-s --batch 8 --crop 384 --iters 30
+    python -m experiments.speed --models stcn stcn-s --batch 8 --crop 384 --iters 30
 
 Times ``Trainer.train_step`` (forward, losses, backward, optimiser step) on synthetic batches that
 are already on the device, so the numbers isolate compute: the same batches serve every variant,
@@ -195,7 +195,7 @@ def print_op_counts(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m corrvos.training.speed", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.speed", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["stcn", "stcn-s"])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--batch", type=int, default=8)

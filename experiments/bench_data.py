@@ -1,6 +1,6 @@
 """Data-pipeline throughput: training samples per second of ONE process on one core.
 
-    python -m corrvos.training.bench_data --data ../shared/data/davis2016 --proposals resources/proposals_davis2016_train.npz \\
+    python -m experiments.bench_data --data ../shared/data/davis2016 --proposals resources/proposals_davis2016_train.npz \\
         --kinds stcn xmem static --samples 60 [--frame-cache /tmp/d16-frames]
 
 Builds the datasets the trainer would build (``Trainer._clip_config`` presets: STCN 3 frames / 2 objects /
@@ -52,7 +52,7 @@ def bench(dataset, samples: int, max_skip: int = 10) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m corrvos.training.bench_data", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.bench_data", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="DAVIS / compact DAVIS-2016 folder")
     p.add_argument("--proposals", help="proposal cache (.npz)")
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)

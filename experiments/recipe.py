@@ -1,10 +1,10 @@
 """The shipped-checkpoint recipe: baseline and correspondence arms of stcn-s and xmem-s in ONE time-boxed job.
 
     # here: the data the GPU machine needs (DAVIS-2016 train, ~35 MB), into a git-ignored folder
-    python -m corrvos.training.recipe pack --data ../shared/data/davis2016 \\
+    python -m experiments.recipe pack --data ../shared/data/davis2016 \\
         --proposals resources/proposals_davis2016_train.npz --out .carry/d16train
     # there (scripts/gpu_train_shipped.sh runs this): train, then write the results to $OUT
-    python3 -m corrvos.training.recipe run --data .carry/d16train --out "$OUT" --budget-s 540
+    python3 -m experiments.recipe run --data .carry/d16train --out "$OUT" --budget-s 540
 
 Plan (docs/training.md, "Training the shipped checkpoints"): every arm (``<model>_baseline`` with
 ``--corr none``, ``<model>_corr`` with ``--corr pcl,ocl``) runs ``corrvos/train.py`` twice, static
@@ -47,7 +47,7 @@ from corrvos.models.checkpoint import checkpoint_metadata
 from corrvos.models.config import PRESETS as MODEL_PRESETS
 from corrvos.training.stages import STAGES, parse_stage_point, schedule_family
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 # Arm variants: the shipped pair is baseline + corr; pcl and ocl complete the paper's Table 4 ablation.
 VARIANTS = {"baseline": "none", "corr": "pcl,ocl", "pcl": "pcl", "ocl": "ocl"}
 DEFAULT_VARIANTS = ("baseline", "corr")
@@ -365,7 +365,7 @@ def collect(arms: list[Arm], args: argparse.Namespace, iters: dict, workers: int
             })
     wall = time.time() - t_start
     summary = {
-        "recipe": "corrvos.training.recipe", "seed": args.seed, "iters": {m: list(v) for m, v in iters.items()},
+        "recipe": "experiments.recipe", "seed": args.seed, "iters": {m: list(v) for m, v in iters.items()},
         "models": args.models, "data": str(args.data), "proposals": str(args.proposals) if args.proposals else None,
         "crop": args.crop, "batch": args.batch, "lr": args.lr, "bn": args.bn, "bootstrap_p": args.bootstrap_p,
         "grad_clip": args.grad_clip, "device": args.device or "cuda",
@@ -385,7 +385,7 @@ def collect(arms: list[Arm], args: argparse.Namespace, iters: dict, workers: int
 # ----------------------------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m corrvos.training.recipe", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.recipe", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     k = sub.add_parser("pack", help="copy the DAVIS-2016 train data the GPU job needs into a folder to carry")
     k.add_argument("--data", type=Path, required=True, help="the compact DAVIS-2016 copy")
