@@ -3,7 +3,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["build_model", "load_model", "save_model", "describe_checkpoint", "Tracker", "__version__"]
+__all__ = ["build_model", "load_model", "save_model", "describe_checkpoint", "Tracker", "VideoSession", "__version__"]
 
 
 def __getattr__(name: str):
@@ -20,4 +20,8 @@ def __getattr__(name: str):
         from corrvos.inference.tracker import Tracker
 
         return Tracker
+    if name == "VideoSession":
+        from corrvos.inference.video_session import VideoSession
+
+        return VideoSession
     raise AttributeError(f"module 'corrvos' has no attribute {name!r}")
