@@ -142,3 +142,28 @@ def test_auto_batchnorm_follows_what_was_pretrained(name, imagenet, loaded, expe
     assert resolve_bn_mode("train", net, imagenet=imagenet, loaded=loaded) == "train"
     with pytest.raises(ValueError, match="--bn must be one of"):
         resolve_bn_mode("sometimes", net, imagenet=imagenet, loaded=loaded)
+
+
+def test_inference_folds_batchnorm_into_the_convolutions_exactly():
+    """No autograd + BN in eval mode: BN folded into the weights (cached), same outputs as conv then BN."""
+    torch.manual_seed(0)
+    enc = lite.LiteKeyEncoder("efficientnet-lite0").eval()
+    for m in enc.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(1, 3, 64, 96)
+    unfolded = enc(x)  # autograd on: the plain conv -> BN path
+    with torch.no_grad():
+        folded = enc(x)
+        assert getattr(enc.net.blocks[3].depthwise_conv, "_folded_cache", None) is not None
+    for a, b in zip(unfolded, folded):
+        torch.testing.assert_close(a.detach(), b, atol=1e-5, rtol=1e-4)
+    # The cache follows the BN statistics: changed in place, the folded weights change too.
+    enc.net.bn0.running_var.mul_(4.0)
+    again = enc(x)
+    with torch.no_grad():
+        refolded = enc(x)
+    assert not torch.allclose(again[0], unfolded[0])
+    torch.testing.assert_close(again[0].detach(), refolded[0], atol=1e-5, rtol=1e-4)

@@ -91,17 +91,48 @@ class SameConv2d(nn.Conv2d):
     """Conv2d with TensorFlow's "same" padding (asymmetric for even inputs and stride 2)."""
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x, self.weight, self.bias)
+
+    def conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if self.stride == (1, 1):  # odd kernels: symmetric, so the convolution pads by itself (no copy)
+            return F.conv2d(x, weight, bias, 1, (self.kernel_size[0] // 2, self.kernel_size[1] // 2), 1, self.groups)
         pads = []
         for size, k, s in zip(reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride)):
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
             pads += [total // 2, total - total // 2]
         if any(pads):
             x = F.pad(x, pads)
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, eps=_BN_EPS, momentum=_BN_MOMENTUM)
+
+
+def conv_bn(conv: SameConv2d, bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
+    """``bn(conv(x))``; at inference (BN in eval mode, no autograd) with the BN folded into the convolution's
+    weights, which saves a pass over every activation (about a fifth of the encoder's CPU time)."""
+    if bn.training or torch.is_grad_enabled():
+        return bn(conv(x))
+    weight, bias = _folded(conv, bn)
+    return conv.conv(x, weight, bias)
+
+
+def _folded(conv: SameConv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    # Cached per convolution until any of the tensors it was computed from changes (in-place updates bump
+    # _version; load_state_dict and .to() replace or update them).
+    sources = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    key = tuple((id(t), t._version, t.device, t.dtype) for t in sources)
+    cached = getattr(conv, "_folded_cache", None)
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    weight = conv.weight * scale.view(-1, 1, 1, 1)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.weight.is_contiguous(memory_format=torch.channels_last):
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    object.__setattr__(conv, "_folded_cache", (key, weight, bias))
+    return weight, bias
 
 
 class MBConv(nn.Module):
@@ -121,10 +152,10 @@ class MBConv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = x
         if self.expand_conv is not None:
-            y = F.relu6(self.bn0(self.expand_conv(y)))
-        y = F.relu6(self.bn1(self.depthwise_conv(y)))
-        y = self.bn2(self.project_conv(y))
-        return y + x if self.skip else y
+            y = F.relu6(conv_bn(self.expand_conv, self.bn0, y), inplace=True)
+        y = F.relu6(conv_bn(self.depthwise_conv, self.bn1, y), inplace=True)
+        y = conv_bn(self.project_conv, self.bn2, y)
+        return y.add_(x) if self.skip else y
 
 
 class EfficientNetLite(nn.Module):
@@ -153,7 +184,7 @@ class EfficientNetLite(nn.Module):
 
     def stage_outputs(self, x: Tensor) -> list[Tensor]:
         """``x`` scaled as the Lite networks expect -> the output of every stage built."""
-        x = F.relu6(self.bn0(self.conv_stem(x)))
+        x = F.relu6(conv_bn(self.conv_stem, self.bn0, x), inplace=True)
         outs, ends = [], set(self.stage_ends)
         for i, block in enumerate(self.blocks):
             x = block(x)
