@@ -28,7 +28,6 @@ from corrvos.models.registry import arch_spec
 from corrvos.precision import PRECISIONS, autocast_dtype
 
 
-
 @dataclass(frozen=True)
 class Matches:
     """Where the memory read of frame ``frame`` sent pixel (x, y), as weights on memory elements.
