@@ -315,10 +315,6 @@ def pad_objects(values: Tensor, num_objects: int) -> Tensor:
     return torch.cat([values, values.new_zeros(missing, *values.shape[1:])], dim=0)
 
 
-# The options a Tracker passes to its memory; each memory class takes the ones it uses (for_tracker).
-MEMORY_OPTIONS = ("max_memory_frames", "enable_long_term", "min_working_frames", "max_working_frames",
-                  "num_prototypes", "max_long_term_elements")
-
 
 class Memory(Protocol):
     """What the Tracker needs from an architecture's inference memory (STCNMemory, XMemMemory)."""
@@ -332,7 +328,7 @@ class Memory(Protocol):
     @classmethod
     def for_tracker(cls, top_k: int | None, config: Any, options: dict[str, Any]) -> "Memory": ...
 
-    def options(self) -> dict[str, Any]: ...  # the MEMORY_OPTIONS this memory runs with
+    def options(self) -> dict[str, Any]: ...  # the Tracker memory keywords this memory runs with
 
     def add_objects(self, birth: int, count: int, feature_like: Tensor) -> None: ...
 

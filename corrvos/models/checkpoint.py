@@ -55,7 +55,7 @@ def build_model(name: str | ModelConfig, imagenet: bool = False) -> MatchingNetw
     model = model_from_config(config)
     if imagenet:
         model.key_encoder.load_imagenet()
-        if config.value_widths == PRESETS["stcn"].value_widths:  # narrower value encoders fit no ResNet-18 stage
+        if config.value_encoder_takes_imagenet:
             model.value_encoder.load_imagenet()
     return model
 
@@ -304,11 +304,14 @@ def _key_backbone(state_dict: dict[str, Tensor]) -> str:
     """ResNet-50 / -18 (a ``conv3`` in layer3 or not) or the EfficientNet-Lite variant (blocks and width)."""
     lite_blocks = {int(k.split(".")[3]) for k in state_dict if k.startswith("key_encoder.net.blocks.")}
     if lite_blocks:
+        from corrvos.models.efficientnet_lite import KEY_STAGES, VARIANTS, feature_dims, stage_plan
+
         last = state_dict.get(f"key_encoder.net.blocks.{max(lite_blocks)}.project_conv.weight")
         width = int(last.shape[0]) if last is not None else 0
-        if len(lite_blocks) == 11:
-            return "efficientnet-lite0"
-        return "efficientnet-lite2" if width == 120 else "efficientnet-lite1"
+        for variant in VARIANTS:  # the one whose block count and stride-16 width the keys show
+            if sum(p[5] for p in stage_plan(variant)[:KEY_STAGES]) == len(lite_blocks) and feature_dims(variant)[0] == width:
+                return variant
+        return "efficientnet-lite2"  # unrecognised: the strict load names what differs
     return "resnet50" if "key_encoder.layer3.0.conv3.weight" in state_dict else "resnet18"
 
 

@@ -69,6 +69,11 @@ class ModelConfig:
         object.__setattr__(self, "decoder_dims", tuple(int(v) for v in self.decoder_dims))
 
     @property
+    def value_encoder_takes_imagenet(self) -> bool:
+        """A full-width (ResNet-18) value encoder takes ImageNet weights; the narrow ones fit no ResNet-18 stage."""
+        return self.value_widths == (64, 128, 256)
+
+    @property
     def key_feature_dims(self) -> tuple[int, int, int]:
         """Channels of (f16, f8, f4)."""
         return KEY_FEATURE_DIMS[self.key_backbone]

@@ -108,7 +108,8 @@ class STCNDecoder(nn.Module):
         super().__init__()
         f16_dim, f8_dim, f4_dim = config.key_feature_dims
         d16, d8, d4 = config.decoder_dims
-        if config.decoder_style == "corr":
+        self.fuses_f16 = config.decoder_style == "corr"
+        if self.fuses_f16:
             self.fuser = FeatureFusionBlock(f16_dim + config.value_dim, d16, d16, config.cbam_reduction)
         else:
             self.compress = ResBlock(2 * config.value_dim, d16)
@@ -117,7 +118,7 @@ class STCNDecoder(nn.Module):
         self.pred = nn.Conv2d(d4, 1, 3, padding=1)
 
     def forward(self, f8: Tensor, f4: Tensor, x: Tensor) -> Tensor:
-        g16 = self.fuser(x) if hasattr(self, "fuser") else self.compress(x)
+        g16 = self.fuser(x) if self.fuses_f16 else self.compress(x)
         g4 = self.up_8_4(f4, self.up_16_8(f8, g16))
         return upsample_logits(predict_logits(self.pred, g4))
 

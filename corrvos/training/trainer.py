@@ -33,11 +33,11 @@ from torch.utils.data import DataLoader
 from corrvos.errors import CheckpointError, DatasetError
 from corrvos.models.checkpoint import size_for_crop
 from corrvos.models.config import ModelConfig
+from corrvos.models.registry import arch_spec
 from corrvos.training.contrastive import Negatives
 from corrvos.training.forward import VIEW_SCALE, XMEM_DEEP_UPDATE_P, ClipForward
 from corrvos.training.losses import HOST_KEYS, LossConfig, compute_losses, stats_to_floats
 from corrvos.training.schedule import BOOTSTRAP_FINAL_P
-from corrvos.models.registry import arch_spec
 from corrvos.training.stages import StagePreset, get_stage
 from corrvos.tracker_options import processing_size
 
@@ -135,8 +135,7 @@ def resolve_bn_mode(mode: str, net: nn.Module, imagenet: bool, loaded: bool) -> 
     if loaded:
         return "frozen"
     if imagenet:
-        full_value = net.config.value_widths == (64, 128, 256)  # only full-width value encoders take ImageNet weights
-        return "frozen" if full_value else "encoder"
+        return "frozen" if net.config.value_encoder_takes_imagenet else "encoder"
     return "train"
 
 
