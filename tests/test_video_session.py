@@ -75,6 +75,14 @@ def test_without_complete_masks_later_masks_add_objects_and_are_results(clip):
     assert (s.runs["A"].labels[6] == 2).any()
 
 
+
+def test_backward_and_forward_from_one_frame_compute_it_once(clip):
+    frames, labels = clip
+    s = VideoSession(frames, given={3: labels[3]}, anno_t=3, complete_masks=False)
+    back = [st.t for st in s.propagate(_trackers("A"), directions=(-1,))]
+    forward = [st.t for st in s.propagate(_trackers("A"), directions=(1,))]
+    assert back == [2, 1, 0] and forward == list(range(3, N))
+
 def test_a_mask_on_the_last_frame_is_still_a_result(clip):
     frames, labels = clip
     s = VideoSession(frames, given={N - 1: labels[N - 1]}, anno_t=N - 1, complete_masks=False, keep_labels=False)

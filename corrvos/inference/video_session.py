@@ -191,11 +191,16 @@ class VideoSession:
 
     def _outputs(self, plan: list[int], start: int) -> set[int]:
         """The frames of ``plan`` this propagation produces: the predicted ones; without complete masks also the
-        given frames from ``start`` on, whose result merges the mask with the objects it leaves out."""
-        from_start = plan[plan.index(start):] if start in plan else plan
+        given frames from ``start`` on, whose result merges the mask with the objects it leaves out. Frame
+        ``start`` itself is the forward pass's (there always is one then, see ``keep_last``), so a backward and a
+        forward pass from one frame never compute it twice."""
+        predicted = {t for t in plan if t not in self.given}
         if self.complete_masks:
-            return {t for t in plan if t not in self.given}
-        return {t for t in plan if t not in self.given} | set(from_start)
+            return predicted
+        from_start = plan[plan.index(start):] if start in plan else plan
+        if plan[-1] < start:
+            from_start = [t for t in from_start if t != start]
+        return predicted | set(from_start)
 
     def _walk(self, tracker: Any, plan: list[int], start: int) -> Iterator[tuple[int, Any]]:
         masks = {i: self.given[t] for i, t in enumerate(plan) if i > 0 and t in self.given}

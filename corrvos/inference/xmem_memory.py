@@ -117,6 +117,10 @@ class XMemMemory:
         hidden_dim: channels of the sensory memory (0: none).
     """
 
+    # The user-settable ones: what a Tracker passes through and what options() reports.
+    OPTION_NAMES = ("enable_long_term", "min_working_frames", "max_working_frames", "num_prototypes",
+                    "max_long_term_elements")
+
     def __init__(
         self,
         top_k: int | None = 30,
@@ -155,18 +159,14 @@ class XMemMemory:
 
     @classmethod
     def for_tracker(cls, top_k: int | None, config: Any, options: dict[str, Any]) -> "XMemMemory":
-        names = ("enable_long_term", "min_working_frames", "max_working_frames", "num_prototypes",
-                 "max_long_term_elements")
-        return cls(top_k, hidden_dim=config.hidden_dim, **{k: options[k] for k in names if k in options})
+        return cls(top_k, hidden_dim=config.hidden_dim, **{k: options[k] for k in cls.OPTION_NAMES if k in options})
 
     @property
     def keeps_selection(self) -> bool:
         return self.enable_long_term  # consolidation needs the selection of every memory frame
 
     def options(self) -> dict[str, Any]:
-        return dict(enable_long_term=self.enable_long_term, min_working_frames=self.min_working_frames,
-                    max_working_frames=self.max_working_frames, num_prototypes=self.num_prototypes,
-                    max_long_term_elements=self.max_long_term_elements)
+        return {k: getattr(self, k) for k in self.OPTION_NAMES}
 
     def memorise(self, frame: int, feats: Any, value: Tensor, given: bool) -> None:
         """The Tracker's memory write: frames given a mask stay in working memory for good."""
