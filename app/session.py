@@ -165,6 +165,11 @@ class ModelRun(ModelTrack):
     def title(self) -> str:
         return f"{self.slot}: {self.checkpoint.name}"
 
+    def forget(self, frames: set[int]) -> None:
+        super().forget(frames)
+        for t in frames:
+            self.soft.pop(t, None)
+
 
 @dataclass(kw_only=True)
 class Session(VideoSession):
@@ -239,9 +244,6 @@ def propagate_runs(session: Session, models: dict[str, object], config: AppConfi
     """Propagate every model from given frame ``start`` (the annotated frame or a correction) with the library's
     VideoSession (models in lock-step, so the live preview shows both at the same frame), keeping each predicted
     frame's soft mattes; a stopped run keeps what it has."""
-    for run in session.runs.values():
-        for t in {t for plan in session.pass_plans(start) for t in plan} | set(session.given):
-            run.soft.pop(t, None)
     trackers = {slot: _tracker_factory(model, config) for slot, model in models.items()}
     for step in session.propagate(trackers, start):
         session.runs[step.key].soft[step.t] = {oid: matte_png(m) for oid, m in step.tracker.soft_masks(step.prob).items()}

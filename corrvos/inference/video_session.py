@@ -54,6 +54,12 @@ class ModelTrack:
     def complete(self) -> bool:
         return all(lab is not None for lab in self.labels)
 
+    def forget(self, frames: set[int]) -> None:
+        """Drop the results of ``frames`` (a propagation is about to recompute them); a subclass that keeps
+        more per frame drops that too."""
+        for t in frames:
+            self.labels[t] = None
+
     @property
     def last_tracker(self) -> Any | None:
         return self.passes[-1].tracker if self.passes else None
@@ -157,9 +163,7 @@ class VideoSession:
         plans = self.pass_plans(start, directions)
         for key in trackers:
             run = self.runs.setdefault(key, ModelTrack([None] * len(self.frames)))
-            for plan in plans:
-                for t in plan:
-                    run.labels[t] = None
+            run.forget({t for plan in plans for t in plan} | set(self.given))
             for t, mask in self.given.items():
                 run.labels[t] = mask if self.keep_labels else None
         total = len(trackers) * sum(len(self._outputs(plan, start)) for plan in plans)
