@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="proposal cache from `python -m corrvos.training.proposals`; without it OCL uses annotated "
                         "objects only")
     g.add_argument("--alpha-warmup", type=int, metavar="N", help="iterations of alpha's linear warm-up 0 -> 0.2")
+    g.add_argument("--alpha-start", type=int, default=0, metavar="N",
+                   help="alpha stays 0 for the first N iterations, then warms up (a pretrained key space may want "
+                        "the segmentation head settled before the correspondence losses pull on it)")
 
     g = p.add_argument_group("optimisation (default: stage preset)")
     g.add_argument("--iters", type=int, help="iterations; LR drops, bootstrapping and warm-up scale along")
@@ -130,7 +133,7 @@ def options_from_args(args: argparse.Namespace):
     return TrainOptions(
         model=args.model, data=args.data, out=args.out, stage=args.stage, corr=parse_corr(args.corr),
         cross_view=args.cross_view, view_scale=args.view_scale, negatives=args.negatives, ocl_objects=args.ocl_objects, iters=args.iters,
-        batch=args.batch, lr=args.lr, crop=args.crop, alpha_warmup=args.alpha_warmup, accum=args.accum,
+        batch=args.batch, lr=args.lr, crop=args.crop, alpha_warmup=args.alpha_warmup, alpha_start=args.alpha_start, accum=args.accum,
         amp=args.amp, device=args.device, seed=args.seed, workers=args.workers, resume=args.resume, load=args.load,
         start_iteration=args.start_iteration, frame_cache=args.frame_cache, snapshot_every=args.snapshot_every,
         imagenet=args.imagenet, bn=args.bn, bootstrap_p=args.bootstrap_p, grad_clip=args.grad_clip, proposals=args.proposals, repeats=args.repeats, sequences=args.sequences,

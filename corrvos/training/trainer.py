@@ -64,6 +64,7 @@ class TrainOptions:
     lr: float | None = None
     crop: int | None = None
     alpha_warmup: int | None = None
+    alpha_start: int = 0  # alpha is 0 before this iteration
     accum: int = 1
     amp: str | None = None  # bf16 | fp16 | none; None = bf16 on CUDA, none on CPU
     device: str | None = None
@@ -305,6 +306,7 @@ class Trainer:
             ocl_proposals=opts.ocl_objects in ("both", "proposals"),
             ocl_annotated=opts.ocl_objects in ("both", "annotated"),
             alpha_warmup=opts.alpha_warmup if opts.alpha_warmup is not None else preset.alpha_warmup,
+            alpha_start=opts.alpha_start,
             bootstrap_scale=preset.bootstrap_scale,
             bootstrap_final_p=opts.bootstrap_p,
             dice=self.spec.dice_loss,
