@@ -23,7 +23,7 @@ if __package__ in (None, ""):
 from corrvos.errors import CorrvosError  # noqa: E402
 from corrvos.models.config import PRESETS  # noqa: E402
 from corrvos.tracker_options import size_type  # noqa: E402
-from corrvos.training.schedule import BOOTSTRAP_FINAL_P  # noqa: E402
+from corrvos.training.schedule import ALPHA_MAX, BOOTSTRAP_FINAL_P  # noqa: E402
 
 MODELS = tuple(PRESETS)
 
@@ -89,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--proposals", metavar="FILE",
                    help="proposal cache from `python -m corrvos.training.proposals`; without it OCL uses annotated "
                         "objects only")
-    g.add_argument("--alpha-warmup", type=int, metavar="N", help="iterations of alpha's linear warm-up 0 -> 0.2")
+    g.add_argument("--alpha-warmup", type=int, metavar="N", help="iterations of alpha's linear warm-up 0 -> --alpha-max")
+    g.add_argument("--alpha-max", type=float, default=ALPHA_MAX, metavar="A",
+                   help="alpha after its warm-up (the paper's 0.2; short schedules may want the correspondence terms "
+                        "weighted less against L_seg)")
     g.add_argument("--alpha-start", type=int, default=0, metavar="N",
                    help="alpha stays 0 for the first N iterations, then warms up (a pretrained key space may want "
                         "the segmentation head settled before the correspondence losses pull on it)")
@@ -133,7 +136,8 @@ def options_from_args(args: argparse.Namespace):
     return TrainOptions(
         model=args.model, data=args.data, out=args.out, stage=args.stage, corr=parse_corr(args.corr),
         cross_view=args.cross_view, view_scale=args.view_scale, negatives=args.negatives, ocl_objects=args.ocl_objects, iters=args.iters,
-        batch=args.batch, lr=args.lr, crop=args.crop, alpha_warmup=args.alpha_warmup, alpha_start=args.alpha_start, accum=args.accum,
+        batch=args.batch, lr=args.lr, crop=args.crop, alpha_warmup=args.alpha_warmup, alpha_start=args.alpha_start,
+        alpha_max=args.alpha_max, accum=args.accum,
         amp=args.amp, device=args.device, seed=args.seed, workers=args.workers, resume=args.resume, load=args.load,
         start_iteration=args.start_iteration, frame_cache=args.frame_cache, snapshot_every=args.snapshot_every,
         imagenet=args.imagenet, bn=args.bn, bootstrap_p=args.bootstrap_p, grad_clip=args.grad_clip, proposals=args.proposals, repeats=args.repeats, sequences=args.sequences,

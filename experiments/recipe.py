@@ -182,7 +182,8 @@ def stage_command(arm: Arm, stage: int, args: argparse.Namespace, workers: int, 
     for flag, value in (("--device", args.device), ("--crop", args.crop), ("--sequences", args.sequences),
                         ("--batch", args.batch), ("--lr", args.lr), ("--bn", args.bn),
                         ("--bootstrap-p", args.bootstrap_p), ("--grad-clip", args.grad_clip),
-                        ("--alpha-start", args.alpha_start), ("--alpha-warmup", args.alpha_warmup)):
+                        ("--alpha-start", args.alpha_start), ("--alpha-warmup", args.alpha_warmup),
+                        ("--alpha-max", args.alpha_max)):
         if value:
             cmd += [flag, str(value)]
     return cmd
@@ -430,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clip the global gradient norm (train.py --grad-clip; 0: off)")
     r.add_argument("--alpha-start", type=int, metavar="N", help="train.py --alpha-start (default: 0)")
     r.add_argument("--alpha-warmup", type=int, metavar="N", help="train.py --alpha-warmup (default: the presets')")
+    r.add_argument("--alpha-max", type=float, metavar="A", help="train.py --alpha-max (default: 0.2)")
     r.add_argument("--threads", type=int, default=2, help="torch threads per arm (the CPU arms share the cores)")
     r.add_argument("--workers", type=int, help="loader workers per arm (default: the cores left over, shared)")
     r.add_argument("--sequences", help="comma-separated train sequences (default: all 30)")

@@ -59,7 +59,7 @@ def test_twenty_iterations_both_losses(davis2016_root, proposals, tmp_path):
     from corrvos import load_model
     from corrvos.training.trainer import Trainer
 
-    trainer = Trainer(_options(davis2016_root, tmp_path, proposals, alpha_warmup=5, alpha_start=4))
+    trainer = Trainer(_options(davis2016_root, tmp_path, proposals, alpha_warmup=5, alpha_start=4, alpha_max=0.1))
     before = {k: v.clone() for k, v in trainer.net.state_dict().items()}
     final = trainer.train()
     rows = _log(tmp_path)
@@ -68,7 +68,7 @@ def test_twenty_iterations_both_losses(davis2016_root, proposals, tmp_path):
         for k in ("loss", "ce", "pcl", "ocl", "grad_norm"):
             assert np.isfinite(float(r[k])), (k, r)
     alphas = [float(r["alpha"]) for r in rows]
-    assert alphas[:4] == [0.0] * 4 and any(0 < a < 0.2 for a in alphas) and alphas[-1] == pytest.approx(0.2)
+    assert alphas[:4] == [0.0] * 4 and any(0 < a < 0.1 for a in alphas) and alphas[-1] == pytest.approx(0.1)
     assert max(float(r["ocl_n"]) for r in rows) > 0  # OCL really had queries with negatives
     loaded = load_model(final)
     changed = [k for k, v in loaded.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
@@ -107,6 +107,8 @@ def test_gradient_clipping(davis2016_root, proposals, tmp_path):
             assert after == before
     with pytest.raises(ValueError, match="grad-clip"):
         Trainer(_options(davis2016_root, tmp_path / "bad", proposals, grad_clip=-1.0))
+    with pytest.raises(ValueError, match="alpha-max"):
+        Trainer(_options(davis2016_root, tmp_path / "bad_alpha", proposals, alpha_max=-0.1))
 
 
 def test_resume_continues_exactly(davis2016_root, proposals, tmp_path):
@@ -179,9 +181,10 @@ def test_cli_options_wiring():
     args = build_parser().parse_args(["--model", "xmem-s", "--data", "a", "b", "--repeats", "5", "1", "--out", "o",
                                       "--corr", "pcl", "--no-cross-view", "--negatives", "intra", "--accum", "2",
                                       "--bn", "train", "--bootstrap-p", "1.0", "--grad-clip", "20",
-                                      "--alpha-start", "7"])
+                                      "--alpha-start", "7", "--alpha-max", "0.05"])
     opts = options_from_args(args)
-    assert opts.alpha_start == 7
+    assert (opts.alpha_start, opts.alpha_max) == (7, 0.05)
+    assert options_from_args(build_parser().parse_args(["--model", "stcn", "--data", "a", "--out", "o"])).alpha_max == 0.2
     assert opts.bn == "train" and opts.bootstrap_p == 1.0 and opts.grad_clip == 20.0
     assert opts.corr == {"pcl"} and not opts.cross_view and opts.negatives == "intra" and opts.accum == 2
     assert opts.data == ["a", "b"] and opts.repeats == [5, 1]

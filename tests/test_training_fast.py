@@ -249,13 +249,13 @@ def test_recipe_stage_commands_parse_with_train_py(tmp_path):
     args = build_parser().parse_args(["run", "--data", str(tmp_path), "--out", str(tmp_path / "OUT"), "--device", "cpu",
                                       "--crop", "160", "--batch", "4", "--lr", "1e-3", "--bn", "train",
                                       "--grad-clip", "20", "--sequences", "bear,boat", "--alpha-start", "3",
-                                      "--alpha-warmup", "2"])
+                                      "--alpha-warmup", "2", "--alpha-max", "0.05"])
     args.frame_cache = tmp_path / "frames"
     cmd = stage_command(Arm("xmem-s", "corr", (6, 8)), 1, args, 0, tmp_path / "main", tmp_path / "w.safetensors", 4)
     assert cmd[1].endswith("train.py")
     opts = options_from_args(train_parser().parse_args(cmd[2:]))
     assert (opts.grad_clip, opts.crop, opts.batch, opts.lr, opts.bn) == (20.0, 160, 4, 1e-3, "train")
-    assert (opts.alpha_start, opts.alpha_warmup) == (3, 2)
+    assert (opts.alpha_start, opts.alpha_warmup, opts.alpha_max) == (3, 2, 0.05)
     assert (opts.stage, opts.iters, opts.start_iteration, opts.sequences) == ("main", 8, 4, ["bear", "boat"])
     assert opts.corr == {"pcl", "ocl"} and opts.load.endswith("w.safetensors")
     assert "--stop-at" not in cmd

@@ -37,7 +37,7 @@ from corrvos.models.registry import arch_spec
 from corrvos.training.contrastive import Negatives
 from corrvos.training.forward import VIEW_SCALE, XMEM_DEEP_UPDATE_P, ClipForward
 from corrvos.training.losses import HOST_KEYS, LossConfig, compute_losses, stats_to_floats
-from corrvos.training.schedule import BOOTSTRAP_FINAL_P
+from corrvos.training.schedule import ALPHA_MAX, BOOTSTRAP_FINAL_P
 from corrvos.training.stages import StagePreset, get_stage
 from corrvos.tracker_options import processing_size
 
@@ -65,6 +65,7 @@ class TrainOptions:
     crop: int | None = None
     alpha_warmup: int | None = None
     alpha_start: int = 0  # alpha is 0 before this iteration
+    alpha_max: float = ALPHA_MAX  # Eq. 12's alpha after its warm-up (the paper: 0.2)
     accum: int = 1
     amp: str | None = None  # bf16 | fp16 | none; None = bf16 on CUDA, none on CPU
     device: str | None = None
@@ -273,6 +274,8 @@ class Trainer:
         self.micro_batch = self.batch // (self.world * opts.accum)
         if not opts.grad_clip >= 0:
             raise ValueError(f"--grad-clip must be 0 (off) or a positive norm, not {opts.grad_clip}")
+        if not opts.alpha_max >= 0:
+            raise ValueError(f"--alpha-max must be 0 or more, not {opts.alpha_max}")
         self.crop = opts.crop or preset.crop
         self.amp_dtype = _amp_dtype(opts.amp, self.device)
 
@@ -307,6 +310,7 @@ class Trainer:
             ocl_annotated=opts.ocl_objects in ("both", "annotated"),
             alpha_warmup=opts.alpha_warmup if opts.alpha_warmup is not None else preset.alpha_warmup,
             alpha_start=opts.alpha_start,
+            alpha_max=opts.alpha_max,
             bootstrap_scale=preset.bootstrap_scale,
             bootstrap_final_p=opts.bootstrap_p,
             dice=self.spec.dice_loss,
