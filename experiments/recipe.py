@@ -184,7 +184,7 @@ def stage_command(arm: Arm, stage: int, args: argparse.Namespace, workers: int, 
                         ("--bootstrap-p", args.bootstrap_p), ("--grad-clip", args.grad_clip),
                         ("--alpha-start", args.alpha_start), ("--alpha-warmup", args.alpha_warmup),
                         ("--alpha-max", args.alpha_max)):
-        if value:
+        if value is not None:  # 0 is a value here (--alpha-max 0, --alpha-warmup 0)
             cmd += [flag, str(value)]
     return cmd
 

@@ -259,6 +259,12 @@ def test_recipe_stage_commands_parse_with_train_py(tmp_path):
     assert (opts.stage, opts.iters, opts.start_iteration, opts.sequences) == ("main", 8, 4, ["bear", "boat"])
     assert opts.corr == {"pcl", "ocl"} and opts.load.endswith("w.safetensors")
     assert "--stop-at" not in cmd
+    zeros = build_parser().parse_args(["run", "--data", str(tmp_path), "--out", str(tmp_path / "OUT"),
+                                       "--alpha-max", "0", "--alpha-warmup", "0"])
+    zeros.frame_cache = tmp_path / "frames"
+    cmd = stage_command(Arm("xmem-s", "corr", (6, 8)), 1, zeros, 0, tmp_path / "main", tmp_path / "w.safetensors", 4)
+    opts = options_from_args(train_parser().parse_args(cmd[2:]))
+    assert (opts.alpha_max, opts.alpha_warmup, opts.grad_clip) == (0.0, 0, 0.0)
 
     # Table 4 arms cut short: the stage that holds the stop point ends there, the schedule keeps --iters.
     arms = plan_arms(["stcn-s"], {"stcn-s": (6, 8)}, None, ("pcl", "ocl"), (1, 5))
