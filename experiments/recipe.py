@@ -45,6 +45,7 @@ from pathlib import Path
 from corrvos.errors import DatasetError
 from corrvos.models.checkpoint import checkpoint_metadata
 from corrvos.models.config import PRESETS as MODEL_PRESETS
+from corrvos.training.schedule import ALPHA_MAX
 from corrvos.training.stages import STAGES, parse_stage_point, schedule_family
 
 REPO = Path(__file__).resolve().parents[1]
@@ -431,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clip the global gradient norm (train.py --grad-clip; 0: off)")
     r.add_argument("--alpha-start", type=int, metavar="N", help="train.py --alpha-start (default: 0)")
     r.add_argument("--alpha-warmup", type=int, metavar="N", help="train.py --alpha-warmup (default: the presets')")
-    r.add_argument("--alpha-max", type=float, metavar="A", help="train.py --alpha-max (default: 0.2)")
+    r.add_argument("--alpha-max", type=float, metavar="A", help=f"train.py --alpha-max (default: {ALPHA_MAX})")
     r.add_argument("--threads", type=int, default=2, help="torch threads per arm (the CPU arms share the cores)")
     r.add_argument("--workers", type=int, help="loader workers per arm (default: the cores left over, shared)")
     r.add_argument("--sequences", help="comma-separated train sequences (default: all 30)")
